@@ -1,0 +1,47 @@
+//! The one error type of the engine; the Python bindings map each variant to a `candlewick` exception class.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A checkpoint, config or weight file that cannot be used (missing, truncated, malformed, mismatched).
+    #[error("{0}")]
+    ModelLoad(String),
+    /// tokenizer.json / tokenizer_config.json problems, and ids the vocabulary does not have.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// A caller-supplied value that is out of range or of the wrong shape.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A device that this build or this machine cannot provide.
+    #[error("{0}")]
+    Device(String),
+    /// The user interrupted a long computation (Ctrl-C).
+    #[error("interrupted")]
+    Interrupted,
+    /// Anything Candle reports that is not one of the above.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn load(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {
+        Error::ModelLoad(format!("{}: {msg}", path.as_ref().display()))
+    }
+    pub fn tok(msg: impl Into<String>) -> Self {
+        Error::Tokenizer(msg.into())
+    }
+    pub fn arg(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}
+
+/// `bail!(InvalidArgument, "...")`-style early return.
+#[macro_export]
+macro_rules! bail {
+    ($kind:ident, $($fmt:tt)*) => {
+        return Err($crate::error::Error::$kind(format!($($fmt)*)))
+    };
+}

