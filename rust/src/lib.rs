@@ -1,7 +1,14 @@
 //! candlewick: Transformer inference on Candle. The core is plain Rust; `py/` holds the only Python bindings.
 
+pub mod config;
+pub mod device;
 pub mod error;
+pub mod linear;
+pub mod model;
+pub mod models;
+pub mod ops;
 pub mod tokenizer;
+pub mod weights;
 
 #[cfg(feature = "python")]
 mod py;

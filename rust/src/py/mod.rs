@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod model;
 mod tokenizer;
 
 pub(crate) use errors::PyResultExt;
@@ -12,5 +13,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<tokenizer::PyIncrementalDecoder>()?;
+    m.add_class::<model::PyModel>()?;
     Ok(())
 }

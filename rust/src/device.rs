@@ -1,0 +1,56 @@
+//! Device and dtype names as users write them: "cpu", "cuda", "cuda:1"; "float32", "bfloat16", "float16".
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.as_str() {
+        "cuda" | "gpu" => 0,
+        n if n.starts_with("cuda:") => n[5..]
+            .parse::<usize>()
+            .map_err(|_| Error::Device(format!("device {name:?}: expected \"cuda:N\" with N a GPU number")))?,
+        _ => return Err(Error::Device(format!("unknown device {name:?}; use \"cpu\", \"cuda\" or \"cuda:N\""))),
+    };
+    cuda_device(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("cuda:{ordinal} is not available: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Err(Error::Device(format!(
+        "cuda:{ordinal} requested, but this build of candlewick has no CUDA support; build one with the CUDA \
+         toolkit installed: pip install . --config-settings=build-args=\"--features cuda\""
+    )))
+}
+
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    Ok(match name.trim().to_ascii_lowercase().as_str() {
+        "float32" | "f32" | "fp32" => DType::F32,
+        "bfloat16" | "bf16" => DType::BF16,
+        "float16" | "f16" | "fp16" | "half" => DType::F16,
+        other => {
+            return Err(Error::arg(format!(
+                "unknown dtype {other:?}; use \"float32\", \"bfloat16\" or \"float16\""
+            )))
+        }
+    })
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "other",
+    }
+}

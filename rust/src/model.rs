@@ -1,0 +1,232 @@
+//! A loaded checkpoint: config, tokenizer and one of the architectures, with the model-level computations
+//! (logits, token NLL, perplexity, embeddings) that the Python API exposes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Arch, Config};
+use crate::error::{Error, Result};
+use crate::models::{bert::Bert, gpt2::Gpt2, llama::Llama, positions, Cache};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{safetensors_files, Weights};
+
+pub enum Net {
+    Gpt2(Gpt2),
+    Llama(Llama),
+    Bert(Bert),
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub net: Net,
+    pub device: Device,
+    /// The weights' dtype (activations are f32 on CPU whatever this is).
+    pub dtype: DType,
+    pub path: PathBuf,
+}
+
+/// A batch of token sequences padded on the right: ids [B, T] and the real lengths.
+pub struct Batch {
+    pub ids: Tensor,
+    pub lens: Vec<usize>,
+    pub t: usize,
+}
+
+impl Model {
+    /// Load a Hugging Face-style checkpoint folder.
+    pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::load(path, "no such file or folder"));
+        }
+        if path.is_file() {
+            return Err(Error::load(path, "expected a checkpoint folder (config.json, model.safetensors, tokenizer.json)"));
+        }
+        let cfg_path = path.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::load(path, "no config.json in this folder"));
+        }
+        let cfg = Config::from_file(&cfg_path)?;
+        let weights = Weights::open(&safetensors_files(path)?, device)?;
+        // Default: the checkpoint's dtype, except that CPU computes bf16/f16 files in f32 unless asked.
+        let dtype = dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { weights.stored_dtype() });
+        let net = match cfg.arch {
+            Arch::Gpt2 => Net::Gpt2(Gpt2::load(&cfg, &weights, dtype, device)?),
+            Arch::Llama => Net::Llama(Llama::load(&cfg, &weights, dtype, device)?),
+            Arch::Bert => Net::Bert(Bert::load(&cfg, &weights, dtype, device, path)?),
+        };
+        let tokenizer = if path.join("tokenizer.json").is_file() {
+            Some(Arc::new(Tokenizer::from_pretrained(path)?))
+        } else {
+            None
+        };
+        Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype, path: path.to_path_buf() })
+    }
+
+    pub fn is_decoder(&self) -> bool {
+        !matches!(self.net, Net::Bert(_))
+    }
+
+    pub fn tokenizer(&self) -> Result<&Arc<Tokenizer>> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::load(&self.path, "this checkpoint has no tokenizer.json; pass token ids instead of text"))
+    }
+
+    /// Check ids against the vocabulary and the context; an empty sequence is an error too.
+    pub fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::arg(format!("{what} is empty: at least one token is needed")));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::arg(format!(
+                "{what}: token id {bad} is out of range for a vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let ctx = self.cfg.context_length();
+        if ids.len() > ctx {
+            return Err(Error::arg(format!(
+                "{what} has {} tokens, longer than the model's context of {ctx} (max_position_embeddings)",
+                ids.len()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn batch(&self, seqs: &[Vec<u32>]) -> Result<Batch> {
+        if seqs.is_empty() {
+            return Err(Error::arg("no sequences given"));
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            self.check_ids(s, &if seqs.len() == 1 { "input".to_string() } else { format!("sequence {i}") })?;
+        }
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0).take(t - s.len()))).collect();
+        Ok(Batch { ids: Tensor::from_vec(flat, (seqs.len(), t), &self.device)?, lens: seqs.iter().map(Vec::len).collect(), t })
+    }
+
+    /// Decoder forward: ids [B, T] at `positions` [B, T] -> hidden [B, T, C].
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
+        match &self.net {
+            Net::Gpt2(m) => m.forward(ids, positions, mask, cache),
+            Net::Llama(m) => m.forward(ids, positions, mask, cache),
+            Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
+        }
+    }
+
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.net {
+            Net::Gpt2(m) => m.lm_head(hidden),
+            Net::Llama(m) => m.lm_head(hidden),
+            Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): it has no language-model head")),
+        }
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.cfg.num_layers)
+    }
+
+    /// Logits [B, T, V] (f32) for right-padded sequences; rows past a sequence's length are padding.
+    /// With right padding a causal mask is all a real position needs: padding only ever comes after it.
+    pub fn logits(&self, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        let batch = self.batch(seqs)?;
+        let pos = positions(seqs.len(), batch.t, 0, &self.device)?;
+        let hidden = self.forward(&batch.ids, &pos, None, &mut self.new_cache())?;
+        self.lm_head(&hidden)
+    }
+
+    /// -log p(x[t+1] | x[..=t]) for t < T-1, in f32.
+    pub fn token_nll(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.len() < 2 {
+            return Err(Error::arg("token_nll needs at least two tokens"));
+        }
+        let logits = self.logits(&[ids.to_vec()])?.squeeze(0)?; // [T, V]
+        self.nll_of(&logits, ids, 0)
+    }
+
+    /// NLL of ids[from+1..] from logits rows [from..T-1].
+    fn nll_of(&self, logits: &Tensor, ids: &[u32], from: usize) -> Result<Vec<f32>> {
+        let t = ids.len();
+        let rows = logits.narrow(0, from, t - 1 - from)?;
+        let targets = Tensor::new(&ids[from + 1..], &self.device)?.to_dtype(DType::I64)?;
+        let nll = crate::ops::cross_entropy(&rows, &targets, -100, crate::ops::Reduction::None)?;
+        Ok(nll.to_vec1()?)
+    }
+
+    /// Perplexity exp(mean NLL). Texts longer than the context are scored with a sliding window that moves by
+    /// `stride` tokens (default: half the context), each token predicted once with as much left context as the
+    /// window allows, as in Hugging Face's perplexity guide.
+    pub fn perplexity(&self, ids: &[u32], stride: Option<usize>) -> Result<(f64, usize)> {
+        if ids.len() < 2 {
+            return Err(Error::arg("perplexity needs at least two tokens"));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::arg(format!("token id {bad} is out of range for a vocabulary of {}", self.cfg.vocab_size)));
+        }
+        let ctx = self.cfg.context_length();
+        let stride = stride.unwrap_or((ctx / 2).max(1));
+        if stride == 0 || stride > ctx {
+            return Err(Error::arg(format!("stride must be between 1 and the context length {ctx}, got {stride}")));
+        }
+        let (mut total, mut count) = (0f64, 0usize);
+        let mut scored_to = 1; // tokens [0, scored_to) have been predicted (token 0 never is)
+        let mut begin = 0;
+        loop {
+            let end = (begin + ctx).min(ids.len());
+            let window = &ids[begin..end];
+            let logits = self.logits(&[window.to_vec()])?.squeeze(0)?;
+            // predict tokens scored_to..end: rows (scored_to - 1 - begin)..
+            let from = scored_to - 1 - begin;
+            let nll = self.nll_of(&logits, window, from)?;
+            total += nll.iter().map(|&x| x as f64).sum::<f64>();
+            count += nll.len();
+            scored_to = end;
+            if end == ids.len() {
+                break;
+            }
+            begin += stride;
+        }
+        Ok(((total / count as f64).exp(), count))
+    }
+
+    /// BERT: last_hidden_state [B, T, C] and pooled embeddings [B, C] for texts.
+    pub fn encode_texts(&self, texts: &[String]) -> Result<(Tensor, Tensor)> {
+        let Net::Bert(bert) = &self.net else {
+            return Err(Error::arg("embed() needs an encoder model (BERT); this is a decoder"));
+        };
+        if texts.is_empty() {
+            return Err(Error::arg("no texts given"));
+        }
+        let seqs = self.tokenizer()?.encode_batch(texts, true)?;
+        let (ids, mask) = self.pad_with_mask(&seqs)?;
+        let hidden = bert.forward(&ids, &mask)?;
+        let emb = bert.pool(&hidden, &mask)?;
+        Ok((hidden, emb))
+    }
+
+    /// BERT on given ids and attention mask (both [B, T]) -> last_hidden_state [B, T, C].
+    pub fn encoder_forward(&self, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Net::Bert(bert) = &self.net else {
+            return Err(Error::arg("this is a decoder model; use logits()"));
+        };
+        let hidden = bert.forward(ids, mask)?;
+        let emb = bert.pool(&hidden, mask)?;
+        Ok((hidden, emb))
+    }
+
+    fn pad_with_mask(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        for (i, s) in seqs.iter().enumerate() {
+            self.check_ids(s, &format!("text {i}"))?;
+        }
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let pad = |s: &Vec<u32>, fill: u32, val: Option<u32>| -> Vec<u32> {
+            s.iter().map(|&x| val.unwrap_or(x)).chain(std::iter::repeat(fill).take(t - s.len())).collect()
+        };
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| pad(s, 0, None)).collect();
+        let mask: Vec<u32> = seqs.iter().flat_map(|s| pad(s, 0, Some(1))).collect();
+        Ok((Tensor::from_vec(ids, (seqs.len(), t), &self.device)?, Tensor::from_vec(mask, (seqs.len(), t), &self.device)?))
+    }
+}

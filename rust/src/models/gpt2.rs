@@ -1,0 +1,108 @@
+//! GPT-2: learned positions, pre-LayerNorm blocks, fused qkv projection, GELU (tanh) MLP, tied head.
+//! Its checkpoints store linear weights "Conv1D"-style as [in, out]; they are transposed once at load.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{embed, merge_heads, split_heads, Cache};
+use crate::config::Config;
+use crate::error::Result;
+use crate::linear::Linear;
+use crate::ops;
+use crate::weights::Weights;
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Linear, // [3C, C]
+    attn_c_proj: Linear,
+    ln_2: Norm,
+    c_fc: Linear,
+    mlp_c_proj: Linear,
+}
+
+pub struct Gpt2 {
+    pub cfg: Config,
+    wte: Tensor, // [V, C]
+    wpe: Tensor, // [P, C]
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    lm_head: Linear,
+    act: DType,
+    approximate_gelu: bool,
+}
+
+impl Gpt2 {
+    pub fn load(cfg: &Config, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let act = crate::linear::compute_dtype(dtype, device);
+        let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let norm = |n: &str| -> Result<Norm> {
+            Ok(Norm { weight: w.get(&format!("{n}.weight"), &[c], act)?, bias: w.get(&format!("{n}.bias"), &[c], act)? })
+        };
+        // Conv1D: weight [in, out] in the file, stored here as [out, in].
+        let conv1d = |n: &str, inp: usize, out: usize| -> Result<Linear> {
+            let wt = w.get(&format!("{n}.weight"), &[inp, out], dtype)?.t()?.contiguous()?;
+            Linear::new(wt, Some(w.get(&format!("{n}.bias"), &[out], act)?))
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("h.{i}");
+            blocks.push(Block {
+                ln_1: norm(&format!("{p}.ln_1"))?,
+                c_attn: conv1d(&format!("{p}.attn.c_attn"), c, 3 * c)?,
+                attn_c_proj: conv1d(&format!("{p}.attn.c_proj"), c, c)?,
+                ln_2: norm(&format!("{p}.ln_2"))?,
+                c_fc: conv1d(&format!("{p}.mlp.c_fc"), c, f)?,
+                mlp_c_proj: conv1d(&format!("{p}.mlp.c_proj"), f, c)?,
+            });
+        }
+        let lm_head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+            Linear::new(w.get("lm_head.weight", &[cfg.vocab_size, c], dtype)?, None)?
+        } else {
+            Linear::new(w.get("wte.weight", &[cfg.vocab_size, c], dtype)?, None)?
+        };
+        let approximate_gelu = !matches!(cfg.hidden_act.as_str(), "gelu" | "gelu_exact");
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte: w.get("wte.weight", &[cfg.vocab_size, c], act)?,
+            wpe: w.get("wpe.weight", &[cfg.max_position_embeddings, c], act)?,
+            blocks,
+            ln_f: norm("ln_f")?,
+            lm_head,
+            act,
+            approximate_gelu,
+        })
+    }
+
+    /// ids [B, T], positions [B, T] -> final hidden states [B, T, C] (see `Llama::forward`).
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
+        let (h, c) = (self.cfg.num_heads, self.cfg.hidden_size);
+        let d = c / h;
+        let mut x = (embed(&self.wte, ids)? + embed(&self.wpe, positions)?)?; // [B, T, C]
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let hn = ops::layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, self.cfg.norm_eps)?;
+            let qkv = blk.c_attn.forward(&hn)?; // [B, T, 3C]
+            let q = split_heads(&qkv.narrow(2, 0, c)?, h, d)?;
+            let k = split_heads(&qkv.narrow(2, c, c)?, h, d)?;
+            let v = split_heads(&qkv.narrow(2, 2 * c, c)?, h, d)?;
+            let (k, v) = cache.append(i, k, v)?;
+            let y = ops::attention(&q, &k, &v, mask.is_none(), mask, None)?;
+            x = (x + blk.attn_c_proj.forward(&merge_heads(&y)?)?)?;
+            let hn = ops::layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, self.cfg.norm_eps)?;
+            let m = ops::gelu(&blk.c_fc.forward(&hn)?, self.approximate_gelu)?;
+            x = (x + blk.mlp_c_proj.forward(&m)?)?;
+        }
+        ops::layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, self.cfg.norm_eps)
+    }
+
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    pub fn act_dtype(&self) -> DType {
+        self.act
+    }
+}

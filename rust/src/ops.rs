@@ -1,0 +1,243 @@
+//! The kernels the models are made of, on Candle tensors. Same names and meanings as
+//! `candlewick.reference.functional` (the NumPy oracle) and `candlewick.ops` (these, from Python).
+//!
+//! Shape legend: B batch, T tokens, C channels, H heads, Hkv key/value heads, D head dim, V vocabulary.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::RopeScaling;
+use crate::error::{Error, Result};
+
+/// softmax(x)_i = exp(x_i - max x) / Σ_j exp(x_j - max x), along `dim`.
+pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if dim + 1 == x.rank() {
+        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+    } else {
+        Ok(candle_nn::ops::softmax(x, dim)?)
+    }
+}
+
+/// log_softmax(x)_i = x_i - logsumexp(x), along `dim`.
+pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Additive causal mask [Tq, Tk]: 0 where key j is visible from query i, -inf after it. With Tq < Tk the queries
+/// are the last Tq positions (decoding with a cache), so query i sits at position Tk - Tq + i.
+pub fn causal_mask(tq: usize, tk: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let off = tk.saturating_sub(tq);
+    let m: Vec<f32> = (0..tq)
+        .flat_map(|i| (0..tk).map(move |j| if j > i + off { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (tq, tk), device)?.to_dtype(dtype)?)
+}
+
+/// A boolean mask (nonzero = attend) as an additive one (0 / -inf).
+pub fn additive_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    if mask.dtype().is_float() {
+        return Ok(mask.to_dtype(dtype)?);
+    }
+    let zeros = Tensor::zeros(mask.shape(), dtype, mask.device())?;
+    let neg = Tensor::full(f32::NEG_INFINITY, mask.shape(), mask.device())?.to_dtype(dtype)?;
+    Ok(mask.to_dtype(DType::F32)?.ne(0f32)?.where_cond(&zeros, &neg)?)
+}
+
+/// Scaled dot-product attention: softmax(q·kᵀ·scale + mask)·v.
+///
+/// q [B, H, Tq, D], k and v [B, Hkv, Tk, D] with H % Hkv == 0 (grouped-query: query head h reads key/value head
+/// h / (H / Hkv)); `mask` additive or boolean, broadcastable to [B, H, Tq, Tk]; `scale` defaults to 1/√D.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    mask: Option<&Tensor>,
+    scale: Option<f64>,
+) -> Result<Tensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (bk, hkv, tk, dk) = k.dims4()?;
+    if bk != b || dk != d || v.dims4()? != (b, hkv, tk, d) || hkv == 0 || h % hkv != 0 {
+        return Err(Error::arg(format!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit [B, H, Tq, D], [B, Hkv, Tk, D] with H % Hkv == 0",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let rep = h / hkv;
+    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    // The query heads that share a key/value head are adjacent, so [B, H, Tq, D] reads as
+    // [B, Hkv, rep·Tq, D]: one matmul per key/value head, without copying k and v rep times.
+    let qg = (q.contiguous()? * scale)?.reshape((b, hkv, rep * tq, d))?;
+    let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
+    let mut scores = scores;
+    if causal && tq > 1 {
+        scores = scores.broadcast_add(&causal_mask(tq, tk, scores.dtype(), scores.device())?)?;
+    }
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(&additive_mask(m, scores.dtype())?)?;
+    }
+    let probs = softmax(&scores, 3)?.reshape((b, hkv, rep * tq, tk))?;
+    Ok(probs.matmul(&v.contiguous()?)?.reshape((b, h, tq, d))?) // [B, H, Tq, D]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    Mean,
+    Sum,
+    None,
+}
+
+impl std::str::FromStr for Reduction {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Self::Mean),
+            "sum" => Ok(Self::Sum),
+            "none" => Ok(Self::None),
+            _ => Err(Error::arg(format!("reduction must be \"mean\", \"sum\" or \"none\", got {s:?}"))),
+        }
+    }
+}
+
+/// Cross-entropy -log softmax(logits)[target] per row; rows whose target is `ignore_index` count as 0 and are
+/// left out of the mean. logits [N, V], targets [N] (i64).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64, reduction: Reduction) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    let t: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
+    if t.len() != n {
+        return Err(Error::arg(format!("cross_entropy: {n} rows of logits but {} targets", t.len())));
+    }
+    if let Some(bad) = t.iter().find(|&&x| x != ignore_index && (x < 0 || x >= v as i64)) {
+        return Err(Error::arg(format!("cross_entropy: target {bad} is out of range for {v} classes")));
+    }
+    let keep: Vec<f32> = t.iter().map(|&x| if x == ignore_index { 0.0 } else { 1.0 }).collect();
+    let idx: Vec<u32> = t.iter().map(|&x| if x == ignore_index { 0 } else { x as u32 }).collect();
+    let dev = logits.device();
+    let idx = Tensor::from_vec(idx, (n, 1), dev)?;
+    let keep_t = Tensor::from_vec(keep.clone(), n, dev)?.to_dtype(logits.dtype())?;
+    let nll = log_softmax(logits, 1)?.gather(&idx, 1)?.squeeze(1)?.neg()?.mul(&keep_t)?; // [N]
+    Ok(match reduction {
+        Reduction::None => nll,
+        Reduction::Sum => nll.sum_all()?,
+        Reduction::Mean => {
+            let count: f32 = keep.iter().sum();
+            (nll.sum_all()? / count as f64)?
+        }
+    })
+}
+
+/// (x - mean) / sqrt(var + eps) · weight + bias, over the last dimension.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)?)
+}
+
+/// x / sqrt(mean(x²) + eps) · weight, over the last dimension.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?)
+}
+
+/// GELU: x·Φ(x) exactly (`approximate = false`), or the tanh approximation GPT-2 uses (`gelu_new`).
+pub fn gelu(x: &Tensor, approximate: bool) -> Result<Tensor> {
+    Ok(if approximate { x.gelu()? } else { x.gelu_erf()? })
+}
+
+/// SiLU (swish): x·σ(x).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.silu()?)
+}
+
+/// The RoPE inverse frequencies θ^(-2i/D), i < D/2, with the config's scaling (linear or llama3), in f64.
+pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f64> {
+    let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
+    match *scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// cos and sin tables [P, D/2] for positions 0..P, computed in f64 then cast to `dtype`.
+pub fn rope_tables(inv_freq: &[f64], positions: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let angles: Vec<f64> = (0..positions).flat_map(|p| inv_freq.iter().map(move |f| p as f64 * f)).collect();
+    let cos: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+    let cos = Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Rotary position embedding, half-split ("rotate_half") convention: x [B, H, T, D], cos/sin [T, D/2] or
+/// [B, T, D/2] for the positions of x.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain per-position loop the fast attention must agree with.
+    fn attention_naive(q: &[f32], k: &[f32], v: &[f32], t: usize, d: usize) -> Vec<f32> {
+        let mut out = vec![0.0; t * d];
+        for i in 0..t {
+            let s: Vec<f32> = (0..=i)
+                .map(|j| (0..d).map(|c| q[i * d + c] * k[j * d + c]).sum::<f32>() / (d as f32).sqrt())
+                .collect();
+            let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
+            for (j, sj) in s.iter().enumerate() {
+                for c in 0..d {
+                    out[i * d + c] += (sj - m).exp() / z * v[j * d + c];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_naive_loop() {
+        let (t, d) = (5, 4);
+        let dev = Device::Cpu;
+        let vals = |s: f32| (0..t * d).map(|i| ((i as f32) * s).sin()).collect::<Vec<f32>>();
+        let (q, k, v) = (vals(0.37), vals(0.91), vals(1.3));
+        let qt = Tensor::from_vec(q.clone(), (1, 1, t, d), &dev).unwrap();
+        let kt = Tensor::from_vec(k.clone(), (1, 1, t, d), &dev).unwrap();
+        let vt = Tensor::from_vec(v.clone(), (1, 1, t, d), &dev).unwrap();
+        let got: Vec<f32> = attention(&qt, &kt, &vt, true, None, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want = attention_naive(&q, &k, &v, t, d);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn cross_entropy_ignores_rows() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[1f32, 2.0, 3.0], [0.0, 0.0, 0.0]], &dev).unwrap();
+        let t = Tensor::new(&[2i64, -100], &dev).unwrap();
+        let l: f32 = cross_entropy(&logits, &t, -100, Reduction::Mean).unwrap().to_scalar().unwrap();
+        let want = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln() - 3.0;
+        assert!((l - want).abs() < 1e-6);
+    }
+}

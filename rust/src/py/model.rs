@@ -1,0 +1,128 @@
+//! `_native.Model`: a loaded checkpoint, numpy in and out, the GIL released while it computes.
+
+use std::path::PathBuf;
+
+use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray2};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::tokenizer::PyTokenizer;
+use super::PyResultExt;
+use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::model::Model;
+
+#[pyclass(name = "Model", module = "candlewick._native", frozen)]
+pub struct PyModel {
+    pub(crate) inner: Model,
+}
+
+pub(crate) fn to_numpy<'py>(py: Python<'py>, t: &candle_core::Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let dims = t.dims().to_vec();
+    let flat: Vec<f32> = py
+        .detach(|| -> crate::Result<Vec<f32>> {
+            Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?)
+        })
+        .py()?;
+    PyArray1::from_vec(py, flat).reshape(dims)
+}
+
+#[pymethods]
+impl PyModel {
+    #[staticmethod]
+    #[pyo3(signature = (path, device = "cpu", dtype = None))]
+    fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+        let dev = parse_device(device).py()?;
+        let dtype = dtype.map(parse_dtype).transpose().py()?;
+        let inner = py.detach(|| Model::load(&path, &dev, dtype)).py()?;
+        Ok(Self { inner })
+    }
+
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.inner.cfg;
+        let d = PyDict::new(py);
+        d.set_item("architecture", format!("{:?}", c.arch).to_lowercase())?;
+        d.set_item("model_type", &c.model_type)?;
+        d.set_item("vocab_size", c.vocab_size)?;
+        d.set_item("hidden_size", c.hidden_size)?;
+        d.set_item("num_layers", c.num_layers)?;
+        d.set_item("num_heads", c.num_heads)?;
+        d.set_item("num_kv_heads", c.num_kv_heads)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("intermediate_size", c.intermediate_size)?;
+        d.set_item("context_length", c.context_length())?;
+        d.set_item("norm_eps", c.norm_eps)?;
+        d.set_item("rope_theta", c.rope_theta)?;
+        d.set_item("tie_word_embeddings", c.tie_word_embeddings)?;
+        d.set_item("dtype", dtype_name(self.inner.dtype))?;
+        d.set_item("device", format!("{:?}", self.inner.device).to_lowercase())?;
+        Ok(d)
+    }
+
+    #[getter]
+    fn tokenizer(&self) -> Option<PyTokenizer> {
+        self.inner.tokenizer.as_ref().map(|t| PyTokenizer { inner: t.clone() })
+    }
+
+    #[getter]
+    fn is_decoder(&self) -> bool {
+        self.inner.is_decoder()
+    }
+
+    /// logits [B, T, V] for right-padded sequences.
+    fn logits<'py>(&self, py: Python<'py>, seqs: Vec<Vec<u32>>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let t = py.detach(|| self.inner.logits(&seqs)).py()?;
+        to_numpy(py, &t)
+    }
+
+    fn token_nll<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let v = py.detach(|| self.inner.token_nll(&ids)).py()?;
+        Ok(PyArray1::from_vec(py, v))
+    }
+
+    #[pyo3(signature = (ids, stride = None))]
+    fn perplexity(&self, py: Python<'_>, ids: Vec<u32>, stride: Option<usize>) -> PyResult<(f64, usize)> {
+        py.detach(|| self.inner.perplexity(&ids, stride)).py()
+    }
+
+    /// (last_hidden_state [B, T, C], embeddings [B, C]) for texts (encoder models).
+    fn encode<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+        let (h, e) = py.detach(|| self.inner.encode_texts(&texts)).py()?;
+        Ok((to_numpy(py, &h)?, to_numpy(py, &e)?))
+    }
+
+    /// (last_hidden_state, embeddings) for given input_ids and attention_mask [B, T] (encoder models).
+    fn encode_ids<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray2<'py, i64>,
+        mask: PyReadonlyArray2<'py, i64>,
+    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+        let shape = ids.as_array().shape().to_vec();
+        if mask.as_array().shape() != shape.as_slice() {
+            return Err(super::errors::to_py(crate::Error::arg(format!(
+                "input_ids {:?} and attention_mask {:?} differ in shape",
+                shape,
+                mask.as_array().shape()
+            ))));
+        }
+        let ids: Vec<u32> = ids.as_array().iter().map(|&x| x as u32).collect();
+        let mask: Vec<u32> = mask.as_array().iter().map(|&x| x as u32).collect();
+        let (h, e) = py
+            .detach(|| -> crate::Result<_> {
+                let dev = &self.inner.device;
+                for row in ids.chunks(shape[1]) {
+                    self.inner.check_ids(row, "input_ids")?;
+                }
+                let ids = candle_core::Tensor::from_vec(ids, (shape[0], shape[1]), dev)?;
+                let mask = candle_core::Tensor::from_vec(mask, (shape[0], shape[1]), dev)?;
+                self.inner.encoder_forward(&ids, &mask)
+            })
+            .py()?;
+        Ok((to_numpy(py, &h)?, to_numpy(py, &e)?))
+    }
+}
