@@ -138,6 +138,25 @@ impl Model {
         self.lm_head(&hidden)
     }
 
+    /// Logits [T, V] computed chunk by chunk through the KV cache (chunk sizes must add up to T): the same
+    /// numbers as one full pass, which is what incremental decoding relies on.
+    pub fn logits_incremental(&self, ids: &[u32], chunks: &[usize]) -> Result<Tensor> {
+        self.check_ids(ids, "input")?;
+        if chunks.iter().sum::<usize>() != ids.len() || chunks.contains(&0) {
+            return Err(Error::arg(format!("chunk sizes {chunks:?} must be positive and add up to {}", ids.len())));
+        }
+        let mut cache = self.new_cache();
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut start = 0;
+        for &n in chunks {
+            let part = Tensor::new(&ids[start..start + n], &self.device)?.unsqueeze(0)?;
+            let hidden = self.forward(&part, &positions(1, n, start, &self.device)?, None, &mut cache)?;
+            out.push(self.lm_head(&hidden)?.squeeze(0)?);
+            start += n;
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
     /// -log p(x[t+1] | x[..=t]) for t < T-1, in f32.
     pub fn token_nll(&self, ids: &[u32]) -> Result<Vec<f32>> {
         if ids.len() < 2 {

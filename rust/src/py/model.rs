@@ -75,6 +75,17 @@ impl PyModel {
         to_numpy(py, &t)
     }
 
+    /// logits [T, V] fed through the KV cache in chunks of the given sizes.
+    fn logits_incremental<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+        chunks: Vec<usize>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let t = py.detach(|| self.inner.logits_incremental(&ids, &chunks)).py()?;
+        to_numpy(py, &t)
+    }
+
     fn token_nll<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let v = py.detach(|| self.inner.token_nll(&ids)).py()?;
         Ok(PyArray1::from_vec(py, v))
