@@ -1,0 +1,233 @@
+"""The maths of a Transformer in NumPy, float64 inside: the oracle that `candlewick.ops` is checked against.
+
+Each function is named after the formula in its docstring; shapes sit in the comments.
+Shape legend: B batch, T tokens (Tq queries, Tk keys), C channels (hidden), H heads, Hkv key/value heads,
+D head dim, V vocabulary, N rows.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+# --- normalised exponentials ------------------------------------------------------------------------------------
+
+def logsumexp(x, axis=-1, keepdims=False) -> np.ndarray:
+    """log Σ_j exp(x_j), computed as m + log Σ_j exp(x_j - m) with m = max_j x_j so that nothing overflows."""
+    x = _f64(x)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # a row of -inf stays -inf instead of becoming nan
+    with np.errstate(divide="ignore"):
+        out = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+def softmax(x, axis=-1) -> np.ndarray:
+    """softmax(x)_i = exp(x_i - m) / Σ_j exp(x_j - m), m = max_j x_j (the shift changes nothing but overflow).
+
+    A row that is all -inf has no distribution: it comes out as nan, as in PyTorch."""
+    x = _f64(x)
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(x, axis=-1) -> np.ndarray:
+    """log softmax(x)_i = x_i - logsumexp(x)."""
+    x = _f64(x)
+    return x - logsumexp(x, axis=axis, keepdims=True)
+
+
+# --- attention --------------------------------------------------------------------------------------------------
+
+def causal_mask(Tq: int, Tk: int) -> np.ndarray:
+    """Boolean [Tq, Tk], True = may attend. Queries are the last Tq of the Tk positions (decoding with a cache),
+    so query i sits at position Tk - Tq + i and sees keys j <= Tk - Tq + i."""
+    return np.arange(Tk)[None, :] <= np.arange(Tq)[:, None] + (Tk - Tq)
+
+
+def repeat_kv(x, n_rep: int) -> np.ndarray:
+    """Grouped-query attention: each of the Hkv key/value heads serves n_rep = H / Hkv query heads
+    (query head h reads kv head h // n_rep).  [B, Hkv, T, D] -> [B, Hkv * n_rep, T, D]"""
+    return np.repeat(x, n_rep, axis=1)
+
+
+def attention_weights(q, k, *, causal=True, mask=None, scale=None) -> np.ndarray:
+    """P = softmax(q kᵀ · scale + M), scale = 1/√D unless given; each row of P sums to 1.
+
+    q [B, H, Tq, D], k [B, Hkv, Tk, D] with H % Hkv == 0. M joins the causal mask (when causal) and `mask`:
+    additive float (added to the scores) or boolean (True = keep), broadcastable to [B, H, Tq, Tk].
+    Returns P [B, H, Tq, Tk]."""
+    q, k = _f64(q), _f64(k)
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if H % Hkv != 0:
+        raise ValueError(f"attention: {H} query heads is not a multiple of {Hkv} key/value heads")
+    if causal and Tq > Tk:
+        raise ValueError(f"attention: causal with more queries ({Tq}) than keys ({Tk})")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = repeat_kv(k, H // Hkv)                              # [B, H, Tk, D]
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale           # [B, H, Tq, Tk]
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype == np.bool_:
+            scores = np.where(mask, scores, -np.inf)
+        else:
+            scores = scores + _f64(mask)
+    if causal:
+        scores = np.where(causal_mask(Tq, Tk), scores, -np.inf)
+    return softmax(scores, axis=-1)
+
+
+def attention(q, k, v, *, causal=True, mask=None, scale=None) -> np.ndarray:
+    """Attention(q, k, v) = softmax(q kᵀ/√D + M) v.
+
+    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; see `attention_weights` for M, grouped-query heads and Tq < Tk.
+    Returns [B, H, Tq, D]."""
+    v = _f64(v)
+    p = attention_weights(q, k, causal=causal, mask=mask, scale=scale)  # [B, H, Tq, Tk]
+    return p @ repeat_kv(v, p.shape[1] // v.shape[1])                    # [B, H, Tq, D]
+
+
+# --- losses -----------------------------------------------------------------------------------------------------
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
+    """CE = -log softmax(x)[y] = logsumexp(x) - x[y], per row; rows whose target is ignore_index count for nothing.
+
+    logits [N, V] (or [..., V]), targets [N] (or [...]) integer ids.
+    reduction: "none" -> [N] (0 on ignored rows), "sum" -> Σ, "mean" -> Σ / (rows not ignored), nan if none."""
+    x = _f64(logits)
+    y = np.asarray(targets, dtype=np.int64)
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1)             # [N, V], [N]
+    keep = y != ignore_index                                      # [N]
+    safe = np.where(keep, y, 0)
+    if np.any((safe < 0) | (safe >= x.shape[-1])):
+        raise ValueError(f"cross_entropy: a target is outside the vocabulary of {x.shape[-1]}")
+    nll = logsumexp(x, axis=-1) - x[np.arange(len(y)), safe]     # [N]
+    nll = np.where(keep, nll, 0.0)
+    if reduction == "none":
+        return nll.reshape(np.shape(targets))
+    if reduction == "sum":
+        return float(nll.sum())
+    if reduction == "mean":
+        n = int(keep.sum())
+        return float(nll.sum() / n) if n else float("nan")
+    raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+
+
+def kl_divergence(p_logits, q_logits) -> np.ndarray:
+    """KL(p ‖ q) = Σ_i p_i (log p_i - log q_i), per row, with p = softmax(p_logits) and q = softmax(q_logits).
+
+    The first argument is the reference distribution (what PyTorch calls the target of F.kl_div).
+    Terms with p_i = 0 count 0. [..., V], [..., V] -> [...], every value >= 0."""
+    log_p, log_q = log_softmax(p_logits), log_softmax(q_logits)  # [..., V]
+    p = np.exp(log_p)
+    terms = np.where(p > 0, p * (log_p - log_q), 0.0)
+    return np.maximum(terms.sum(axis=-1), 0.0)  # rounding can leave -1e-17 for equal rows
+
+
+# --- layers -----------------------------------------------------------------------------------------------------
+
+def linear(x, weight, bias=None) -> np.ndarray:
+    """y = x Wᵀ + b with W stored [out, in] as in PyTorch's nn.Linear.  [..., in] -> [..., out]"""
+    y = _f64(x) @ _f64(weight).T
+    return y if bias is None else y + bias
+
+
+def layer_norm(x, weight, bias, eps=1e-5) -> np.ndarray:
+    """LayerNorm(x) = (x - mean(x)) / √(var(x) + eps) · w + b over the last axis (biased variance)."""
+    x = _f64(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def rms_norm(x, weight, eps=1e-6) -> np.ndarray:
+    """RMSNorm(x) = x / √(mean(x²) + eps) · w over the last axis (no centring, no bias)."""
+    x = _f64(x)
+    y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+    return y if weight is None else weight * y
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def gelu(x, approximate="tanh") -> np.ndarray:
+    """GELU(x) = x Φ(x) = ½ x (1 + erf(x/√2))                        approximate="none" (BERT's "gelu")
+               ≈ ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))          approximate="tanh" (GPT-2's "gelu_new")"""
+    x = _f64(x)
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    if approximate == "none":
+        return 0.5 * x * (1.0 + np.asarray(_erf(x / math.sqrt(2.0)), dtype=np.float64))
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', not {approximate!r}")
+
+
+def sigmoid(x) -> np.ndarray:
+    """σ(x) = 1 / (1 + e^-x), written with e^-|x| so that it never overflows."""
+    x = _f64(x)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def silu(x) -> np.ndarray:
+    """SiLU(x) = x σ(x) (also called swish)."""
+    x = _f64(x)
+    return x * sigmoid(x)
+
+
+# --- rotary position embedding ----------------------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta=10000.0, scaling=None) -> np.ndarray:
+    """Inverse frequencies of RoPE: ω_i = θ^(-2i/D), i = 0 .. D/2-1, then rescaled as `scaling` says.
+
+    scaling is a Hugging Face rope dict (`rope_type`, or the older `type`):
+      None / "default": ω unchanged
+      "linear" (factor f): ω / f, i.e. positions squeezed by f
+      "llama3" (factor f, low_freq_factor l, high_freq_factor h, original_max_position_embeddings L):
+        wavelength λ = 2π/ω; λ < L/h: unchanged; λ > L/l: ω/f; in between: (1-s) ω/f + s ω
+        with s = (L/λ - l) / (h - l).
+    Returns [D/2]."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))  # [D/2]
+    kind = "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / lo, inv_freq / f, inv_freq)
+        s = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - s) * scaled / f + s * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return np.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope: rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x) -> np.ndarray:
+    """[x1, x2] -> [-x2, x1] on the two halves of the last axis: the 90° turn of each pair (x1_i, x2_i)."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([-x2, x1], axis=-1)
+
+
+def rope(x, positions, *, theta=10000.0, scaling=None) -> np.ndarray:
+    """RoPE: turn each pair (x_i, x_{i+D/2}) by the angle p·ω_i, p the token's position:
+    x' = x cos(pω) + rotate_half(x) sin(pω), so q·k depends only on the distance between positions.
+
+    x [B, H, T, D] (or [..., T, D]); positions [T] or [B, T] integers. Returns the same shape as x."""
+    x = _f64(x)
+    inv_freq = rope_inv_freq(x.shape[-1], theta, scaling)                    # [D/2]
+    pos = np.asarray(positions, dtype=np.float64)
+    angles = pos[..., None] * inv_freq                                       # [(B,) T, D/2]
+    angles = np.concatenate([angles, angles], axis=-1)                       # [(B,) T, D]
+    if pos.ndim == 2:
+        angles = angles[:, None]                                             # [B, 1, T, D]
+    return x * np.cos(angles) + rotate_half(x) * np.sin(angles)

@@ -1,0 +1,19 @@
+"""The python blocks of docs/reference.md run, in order, in one namespace, from the repository root."""
+import re
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def test_reference_page_examples_run(monkeypatch, capsys):
+    page = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    blocks = BLOCK.findall(page)
+    assert len(blocks) >= 8
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    for n, code in enumerate(blocks):
+        exec(compile(code, f"docs/reference.md: python block {n + 1}", "exec"), namespace)
+    assert "4 2" in capsys.readouterr().out
+    assert namespace["logits"].shape[0] == len(namespace["ids"])
