@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +25,60 @@ def as_ids(x: Any, what: str = "ids") -> list[int]:
         bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
         raise InvalidArgument(f"{what}: token id {bad} is out of range")
     return [int(i) for i in arr]
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability under the model's raw distribution (log_softmax of the logits, before
+    any sampling parameter), and the `logprobs` most likely alternatives as (token_id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, a stop token or a stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    choices: list[Choice]
+    usage: Usage = field(init=False)
+
+    def __post_init__(self):
+        self.usage = Usage(len(self.prompt_token_ids), sum(len(c.token_ids) for c in self.choices))
+
+    @property
+    def text(self) -> str:
+        """The first choice's text."""
+        return self.choices[0].text
+
+    @classmethod
+    def _from_native(cls, d: dict) -> "Completion":
+        choices = []
+        for i, c in enumerate(d["choices"]):
+            lps = None
+            if c["logprobs"] is not None:
+                lps = [TokenLogprob(t, lp, [tuple(x) for x in top]) for t, lp, top in c["logprobs"]]
+            choices.append(Choice(i, c["text"], c["token_ids"], c["finish_reason"], lps))
+        return cls(d["prompt_token_ids"], choices)
 
 
 def _is_batch(x: Any) -> bool:
@@ -70,6 +125,75 @@ class Model:
         (default half the context)."""
         return self._native.perplexity(self._ids(text_or_ids), stride)[0]
 
+    def _prompt_ids(self, prompt: str | Ids, what: str = "prompt") -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ModelLoadError("this checkpoint has no tokenizer.json; pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return as_ids(prompt, what) if len(prompt) else []
+
+    def generate(
+        self,
+        prompt: str | Ids | Sequence[str | Ids],
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        seed: int | None = None,
+        n: int = 1,
+        logprobs: int | None = None,
+    ) -> Completion | list[Completion]:
+        """Continue `prompt` (text or token ids). A list of prompts runs as one batch and returns a list.
+
+        temperature 0 is greedy; processors apply in the order penalties, logit_bias, temperature, top_k, top_p,
+        min_p (see candlewick.reference.generate). The same seed gives the same tokens alone, batched or streamed."""
+        params = dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, logit_bias=logit_bias, stop=stop, stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos, seed=seed, n=n, logprobs=logprobs,
+        )
+        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+            isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt
+        )
+        prompts = list(prompt) if batch else [prompt]
+        ids = [self._prompt_ids(p, f"prompt {i}" if batch else "prompt") for i, p in enumerate(prompts)]
+        out = [Completion._from_native(d) for d in self._native.generate(ids, params)]
+        return out if batch else out[0]
+
+    def stream(self, prompt: str | Ids, **params: Any) -> Iterator[str]:
+        """Yield the generated text piece by piece (never half a character, never part of a stop string); the
+        pieces join to `generate(prompt, **params).text` for the same seed. Closing the iterator stops the work.
+        Takes the parameters of `generate`; n must be 1."""
+        _check_params(params)
+        native = self._native.stream(self._prompt_ids(prompt), params)
+        try:
+            yield from native
+        finally:
+            native.close()
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Completion:
+        """Render `messages` with the checkpoint's chat template (with the assistant prompt), then `generate`."""
+        return self.generate(self._chat_ids(messages), **params)
+
+    def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Iterator[str]:
+        """`chat`, streamed."""
+        return self.stream(self._chat_ids(messages), **params)
+
+    def _chat_ids(self, messages) -> list[int]:
+        if self.tokenizer is None:
+            raise ModelLoadError("this checkpoint has no tokenizer.json, so it has no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
     def embed(self, texts: str | Sequence[str]) -> np.ndarray:
         """Sentence embeddings float32 [N, D], pooled and normalised as the checkpoint's sentence-transformers
         config says (encoder models)."""
@@ -80,6 +204,15 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return f"Model({c['model_type']}, layers={c['num_layers']}, hidden={c['hidden_size']}, dtype={c['dtype']})"
+
+
+_GENERATE_PARAMS = set(Model.generate.__kwdefaults__)
+
+
+def _check_params(params: Mapping[str, Any]) -> None:
+    unknown = sorted(set(params) - _GENERATE_PARAMS)
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s) {unknown}; known: {sorted(_GENERATE_PARAMS)}")
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> Model:

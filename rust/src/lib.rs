@@ -3,10 +3,12 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod linear;
 pub mod model;
 pub mod models;
 pub mod ops;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 

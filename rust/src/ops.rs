@@ -3,7 +3,8 @@
 //!
 //! Shape legend: B batch, T tokens, C channels, H heads, Hkv key/value heads, D head dim, V vocabulary.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
 use crate::config::RopeScaling;
 use crate::error::{Error, Result};
@@ -65,6 +66,16 @@ pub fn attention(
             q.dims(),
             k.dims(),
             v.dims()
+        )));
+    }
+    if tk == 0 {
+        return Err(Error::arg(format!("attention: k {:?} has no keys (Tk = 0)", k.dims())));
+    }
+    if causal && tq > tk {
+        return Err(Error::arg(format!(
+            "attention: causal with more queries (Tq = {tq}) than keys (Tk = {tk}): q {:?}, k {:?}",
+            q.dims(),
+            k.dims()
         )));
     }
     let rep = h / hkv;
@@ -131,8 +142,79 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64, reduc
 }
 
 /// (x - mean) / sqrt(var + eps) · weight + bias, over the last dimension.
+///
+/// Not candle-nn's fused layer_norm: it takes var = E[x²] - mean² in f32, which cancels catastrophically when
+/// |mean| >> std (it loses ~1e-3 relative at mean 100, std 1, and can go negative). Here f32 on the CPU is one
+/// fused pass per row with f64 sums (mean first, then Σ(x - mean)²); other dtypes and devices take the plain
+/// tensor path, `layer_norm_naive`, which has the same two-pass maths.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)?)
+    let c = x.dim(D::Minus1)?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        return Err(Error::arg(format!(
+            "layer_norm: weight {:?} and bias {:?} must be [C] = [{c}] for x {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        )));
+    }
+    let same = weight.dtype() == x.dtype() && bias.dtype() == x.dtype();
+    if x.device().is_cpu() && x.dtype() == DType::F32 && same && c > 0 {
+        let (w, b) = (weight.contiguous()?, bias.contiguous()?);
+        return Ok(x.contiguous()?.apply_op3_no_bwd(&w, &b, &LayerNormF32 { eps })?);
+    }
+    layer_norm_naive(x, weight, bias, eps)
+}
+
+/// The plain twin of `layer_norm`, in tensor ops: centre first, then the mean square (f32 inside for f16/bf16).
+pub fn layer_norm_naive(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let inner = if matches!(dtype, DType::F16 | DType::BF16) { DType::F32 } else { dtype };
+    let x = x.to_dtype(inner)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?; // [.., C]
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?; // [.., 1]
+    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(&weight.to_dtype(inner)?)?.broadcast_add(&bias.to_dtype(inner)?)?.to_dtype(dtype)?)
+}
+
+/// The CPU f32 kernel of `layer_norm`: rows in parallel, f64 sums, two passes.
+struct LayerNormF32 {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for LayerNormF32 {
+    fn name(&self) -> &'static str {
+        "candlewick-layer-norm-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+            match (s, l.contiguous_offsets()) {
+                (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+                _ => candle_core::bail!("layer_norm: {what} must be a contiguous f32 tensor"),
+            }
+        }
+        let (x, w, b) = (slice(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "bias")?);
+        let c = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
+            let n = c as f64;
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let inv_std = 1.0 / (var + self.eps).sqrt();
+            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = ((x as f64 - mean) * inv_std * w as f64 + b as f64) as f32;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
 }
 
 /// x / sqrt(mean(x²) + eps) · weight, over the last dimension.
@@ -178,12 +260,18 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<
 
 /// cos and sin tables [P, D/2] for positions 0..P, computed in f64 then cast to `dtype`.
 pub fn rope_tables(inv_freq: &[f64], positions: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let pos: Vec<i64> = (0..positions as i64).collect();
+    rope_tables_at(inv_freq, &pos, dtype, device)
+}
+
+/// cos and sin tables [P, D/2] for the given positions (any order, any integers), in f64 then cast to `dtype`.
+pub fn rope_tables_at(inv_freq: &[f64], positions: &[i64], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
-    let angles: Vec<f64> = (0..positions).flat_map(|p| inv_freq.iter().map(move |f| p as f64 * f)).collect();
+    let angles: Vec<f64> = positions.iter().flat_map(|&p| inv_freq.iter().map(move |f| p as f64 * f)).collect();
     let cos: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
     let sin: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
-    let cos = Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?;
-    let sin = Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?;
+    let cos = Tensor::from_vec(cos, (positions.len(), half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (positions.len(), half), device)?.to_dtype(dtype)?;
     Ok((cos, sin))
 }
 
@@ -229,6 +317,52 @@ mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-6, "{g} vs {w}");
         }
+    }
+
+    #[test]
+    fn layer_norm_kernel_matches_naive_and_f64() {
+        // A large mean beside a small spread: where E[x²] - mean² in f32 would lose three digits.
+        let (rows, c) = (7, 33);
+        let dev = Device::Cpu;
+        let xs: Vec<f32> = (0..rows * c).map(|i| 1000.0 + ((i as f32) * 0.77).sin()).collect();
+        let ws: Vec<f32> = (0..c).map(|i| 1.0 + (i as f32 * 0.3).cos()).collect();
+        let bs: Vec<f32> = (0..c).map(|i| (i as f32 * 0.1).sin()).collect();
+        let x = Tensor::from_vec(xs.clone(), (rows, c), &dev).unwrap();
+        let w = Tensor::from_vec(ws.clone(), c, &dev).unwrap();
+        let b = Tensor::from_vec(bs.clone(), c, &dev).unwrap();
+        let fast: Vec<f32> = layer_norm(&x, &w, &b, 1e-5).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let naive: Vec<f32> = layer_norm_naive(&x, &w, &b, 1e-5).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for r in 0..rows {
+            let row: Vec<f64> = xs[r * c..(r + 1) * c].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / c as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64;
+            for i in 0..c {
+                let want = (row[i] - mean) / (var + 1e-5).sqrt() * ws[i] as f64 + bs[i] as f64;
+                let (f, n) = (fast[r * c + i] as f64, naive[r * c + i] as f64);
+                assert!((f - want).abs() < 1e-5 * want.abs().max(1.0), "kernel {f} vs {want}");
+                // The naive path centres in f32, so x - mean carries 1000·2⁻²⁴ of rounding.
+                assert!((n - want).abs() < 1e-3 * want.abs().max(1.0), "naive {n} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rejects_causal_with_more_queries_than_keys() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 2, 3, 4), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
+        assert!(matches!(attention(&q, &k, &k, true, None, None), Err(Error::InvalidArgument(_))));
+        assert!(attention(&q, &k, &k, false, None, None).is_ok());
+    }
+
+    #[test]
+    fn rope_tables_at_matches_rope_tables() {
+        let inv = rope_inv_freq(8, 10000.0, &RopeScaling::None);
+        let (c1, s1) = rope_tables(&inv, 5, DType::F32, &Device::Cpu).unwrap();
+        let (c2, s2) = rope_tables_at(&inv, &[3, 4], DType::F32, &Device::Cpu).unwrap();
+        let narrow = |t: &Tensor| t.narrow(0, 3, 2).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(narrow(&c1), c2.to_vec2::<f32>().unwrap());
+        assert_eq!(narrow(&s1), s2.to_vec2::<f32>().unwrap());
     }
 
     #[test]

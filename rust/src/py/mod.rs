@@ -2,8 +2,11 @@
 
 use pyo3::prelude::*;
 
+mod bench;
 mod errors;
+mod generate;
 mod model;
+mod ops;
 mod tokenizer;
 
 pub(crate) use errors::PyResultExt;
@@ -14,5 +17,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<tokenizer::PyIncrementalDecoder>()?;
     m.add_class::<model::PyModel>()?;
+    ops::register(m)?;
+    generate::register(m)?;
+    bench::register(m)?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use crate::model::Model;
 
 #[pyclass(name = "Model", module = "candlewick._native", frozen)]
 pub struct PyModel {
-    pub(crate) inner: Model,
+    pub(crate) inner: std::sync::Arc<Model>,
 }
 
 pub(crate) fn to_numpy<'py>(py: Python<'py>, t: &candle_core::Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
@@ -34,7 +34,7 @@ impl PyModel {
         let dev = parse_device(device).py()?;
         let dtype = dtype.map(parse_dtype).transpose().py()?;
         let inner = py.detach(|| Model::load(&path, &dev, dtype)).py()?;
-        Ok(Self { inner })
+        Ok(Self { inner: std::sync::Arc::new(inner) })
     }
 
     #[getter]
@@ -62,6 +62,21 @@ impl PyModel {
     #[getter]
     fn tokenizer(&self) -> Option<PyTokenizer> {
         self.inner.tokenizer.as_ref().map(|t| PyTokenizer { inner: t.clone() })
+    }
+
+    /// Generate for each prompt (token ids): one dict per prompt with prompt_token_ids and choices.
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        prompts: Vec<Vec<u32>>,
+        params: &Bound<'py, PyDict>,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.generate_impl(py, prompts, params)
+    }
+
+    /// An iterator of text pieces for one prompt (n must be 1).
+    fn stream(&self, py: Python<'_>, prompt: Vec<u32>, params: &Bound<'_, PyDict>) -> PyResult<super::generate::PyStream> {
+        self.stream_impl(py, prompt, params)
     }
 
     #[getter]
