@@ -110,9 +110,21 @@ impl Model {
 
     /// Decoder forward: ids [B, T] at `positions` [B, T] -> hidden [B, T, C].
     pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
+        self.forward_layers(ids, positions, mask, cache, None)
+    }
+
+    /// `forward`, also pushing each block's output (the residual stream [B, T, C]) to `layers_out`.
+    pub fn forward_layers(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+        layers_out: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         match &self.net {
-            Net::Gpt2(m) => m.forward(ids, positions, mask, cache),
-            Net::Llama(m) => m.forward(ids, positions, mask, cache),
+            Net::Gpt2(m) => m.forward(ids, positions, mask, cache, layers_out),
+            Net::Llama(m) => m.forward(ids, positions, mask, cache, layers_out),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
         }
     }
@@ -155,6 +167,19 @@ impl Model {
             start += n;
         }
         Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// For `candlewick check`: the embeddings-plus-blocks residual stream after each block [T, C] (f32), the
+    /// final normed hidden state, and the logits [T, V].
+    pub fn hidden_states(&self, ids: &[u32]) -> Result<(Vec<Tensor>, Tensor)> {
+        self.check_ids(ids, "input")?;
+        let t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut layers = Vec::new();
+        let hidden = self.forward_layers(&t, &positions(1, ids.len(), 0, &self.device)?, None, &mut self.new_cache(), Some(&mut layers))?;
+        let logits = self.lm_head(&hidden)?.squeeze(0)?;
+        let mut out: Vec<Tensor> = layers.iter().map(|l| l.squeeze(0)?.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
+        out.push(hidden.squeeze(0)?.to_dtype(DType::F32)?);
+        Ok((out, logits))
     }
 
     /// -log p(x[t+1] | x[..=t]) for t < T-1, in f32.

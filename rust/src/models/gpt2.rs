@@ -78,7 +78,14 @@ impl Gpt2 {
     }
 
     /// ids [B, T], positions [B, T] -> final hidden states [B, T, C] (see `Llama::forward`).
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+        mut layers_out: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let (h, c) = (self.cfg.num_heads, self.cfg.hidden_size);
         let d = c / h;
         let mut x = (embed(&self.wte, ids)? + embed(&self.wpe, positions)?)?; // [B, T, C]
@@ -94,6 +101,9 @@ impl Gpt2 {
             let hn = ops::layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, self.cfg.norm_eps)?;
             let m = ops::gelu(&blk.c_fc.forward(&hn)?, self.approximate_gelu)?;
             x = (x + blk.mlp_c_proj.forward(&m)?)?;
+            if let Some(out) = layers_out.as_deref_mut() {
+                out.push(x.clone());
+            }
         }
         ops::layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, self.cfg.norm_eps)
     }

@@ -92,7 +92,14 @@ impl Llama {
 
     /// ids [B, T], positions [B, T] -> final hidden states [B, T, C]. `mask` (additive, [B, 1, T, Tcache+T])
     /// replaces the causal mask when given (ragged batches); `cache` receives this step's keys and values.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+        mut layers_out: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (h, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let half = d / 2;
@@ -113,6 +120,9 @@ impl Llama {
             let m = &blk.mlp;
             let g = ops::silu(&m.gate_proj.forward(&hn)?)? * m.up_proj.forward(&hn)?;
             x = (x + m.down_proj.forward(&g?)?)?;
+            if let Some(out) = layers_out.as_deref_mut() {
+                out.push(x.clone());
+            }
         }
         ops::rms_norm(&x, &self.norm, self.cfg.norm_eps)
     }

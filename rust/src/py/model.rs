@@ -101,6 +101,17 @@ impl PyModel {
         to_numpy(py, &t)
     }
 
+    /// (hidden states after each block and after the final norm, each [T, C]; logits [T, V]).
+    fn hidden_states<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+    ) -> PyResult<(Vec<Bound<'py, PyArrayDyn<f32>>>, Bound<'py, PyArrayDyn<f32>>)> {
+        let (layers, logits) = py.detach(|| self.inner.hidden_states(&ids)).py()?;
+        let layers = layers.iter().map(|t| to_numpy(py, t)).collect::<PyResult<Vec<_>>>()?;
+        Ok((layers, to_numpy(py, &logits)?))
+    }
+
     fn token_nll<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let v = py.detach(|| self.inner.token_nll(&ids)).py()?;
         Ok(PyArray1::from_vec(py, v))
