@@ -4,10 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, Config};
 use crate::error::{Error, Result};
+use crate::gguf::Gguf;
 use crate::models::{bert::Bert, gpt2::Gpt2, llama::Llama, positions, Cache};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{safetensors_files, Weights};
@@ -36,13 +38,20 @@ pub struct Batch {
 }
 
 impl Model {
-    /// Load a Hugging Face-style checkpoint folder.
-    pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+    /// Load a Hugging Face-style checkpoint folder, or a GGUF file. `quant` quantizes a folder's projections at
+    /// load time with llama.cpp's block formats (e.g. Q8_0).
+    pub fn load(path: &Path, device: &Device, dtype: Option<DType>, quant: Option<GgmlDType>) -> Result<Self> {
         if !path.exists() {
             return Err(Error::load(path, "no such file or folder"));
         }
         if path.is_file() {
-            return Err(Error::load(path, "expected a checkpoint folder (config.json, model.safetensors, tokenizer.json)"));
+            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                return Self::load_gguf(path, device);
+            }
+            return Err(Error::load(
+                path,
+                "expected a checkpoint folder (config.json, model.safetensors, tokenizer.json) or a .gguf file",
+            ));
         }
         let cfg_path = path.join("config.json");
         if !cfg_path.is_file() {
@@ -53,8 +62,14 @@ impl Model {
         // Default: the checkpoint's dtype, except that CPU computes bf16/f16 files in f32 unless asked.
         let dtype = dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { weights.stored_dtype() });
         let net = match cfg.arch {
+            Arch::Gpt2 if quant.is_some() => {
+                return Err(Error::arg("load-time quantization is supported for Llama-family checkpoints only"))
+            }
             Arch::Gpt2 => Net::Gpt2(Gpt2::load(&cfg, &weights, dtype, device)?),
-            Arch::Llama => Net::Llama(Llama::load(&cfg, &weights, dtype, device)?),
+            Arch::Llama => Net::Llama(Llama::load(&cfg, &weights, dtype, device, quant)?),
+            Arch::Bert if quant.is_some() => {
+                return Err(Error::arg("load-time quantization is supported for Llama-family checkpoints only"))
+            }
             Arch::Bert => Net::Bert(Bert::load(&cfg, &weights, dtype, device, path)?),
         };
         let tokenizer = if path.join("tokenizer.json").is_file() {
@@ -63,6 +78,14 @@ impl Model {
             None
         };
         Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype, path: path.to_path_buf() })
+    }
+
+    fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
+        let g = Gguf::open(path)?;
+        let cfg = g.config()?;
+        let tokenizer = Some(Arc::new(g.tokenizer()?));
+        let net = Net::Llama(Llama::load_gguf(&cfg, &g, device)?);
+        Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype: DType::F32, path: path.to_path_buf() })
     }
 
     pub fn is_decoder(&self) -> bool {

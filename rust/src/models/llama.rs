@@ -1,26 +1,29 @@
 //! Llama: pre-RMSNorm blocks, rotary positions, grouped-query attention, SwiGLU MLP.
 //! Also Mistral (the same weights) and Qwen2 (q/k/v biases).
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::{embed, merge_heads, split_heads, Cache};
 use crate::config::Config;
 use crate::error::Result;
+use crate::gguf::Gguf;
 use crate::linear::Linear;
 use crate::ops;
+use crate::quantized::Proj;
 use crate::weights::Weights;
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 struct Block {
@@ -35,25 +38,32 @@ pub struct Llama {
     embed_tokens: Tensor, // [V, C]
     layers: Vec<Block>,
     norm: Tensor,
-    lm_head: Linear,
+    lm_head: Proj,
     cos: Tensor, // [P, D/2]
     sin: Tensor,
     act: DType,
+    /// GGUF files store q/k permuted for llama.cpp's interleaved ("normal") RoPE; HF checkpoints use rotate_half.
+    rope_interleaved: bool,
 }
 
-fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, dt: DType, act: DType) -> Result<Linear> {
+/// A dense projection, or one quantized at load time when `quant` is given.
+fn proj(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, dt: DType, act: DType, quant: Option<GgmlDType>) -> Result<Proj> {
     let b = if bias { Some(w.get(&format!("{name}.bias"), &[out], act)?) } else { None };
-    Linear::new(w.get(&format!("{name}.weight"), &[out, inp], dt)?, b)
+    let weight = w.get(&format!("{name}.weight"), &[out, inp], dt)?;
+    match quant {
+        Some(q) => Proj::quantize(&weight, b, q),
+        None => Ok(Proj::Dense(Linear::new(weight, b)?)),
+    }
 }
 
 impl Llama {
-    pub fn load(cfg: &Config, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(cfg: &Config, w: &Weights, dtype: DType, device: &Device, quant: Option<GgmlDType>) -> Result<Self> {
         let act = crate::linear::compute_dtype(dtype, device);
         let (c, d, h, hkv, f) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let l = |n: &str, o, inp, bias| linear(w, &format!("{p}.{n}"), o, inp, bias, dtype, act);
+            let l = |n: &str, o, inp, bias| proj(w, &format!("{p}.{n}"), o, inp, bias, dtype, act, quant);
             layers.push(Block {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[c], act)?,
                 self_attn: Attention {
@@ -71,11 +81,8 @@ impl Llama {
             });
         }
         let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, c], act)?;
-        let lm_head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-            linear(w, "lm_head", cfg.vocab_size, c, false, dtype, act)?
-        } else {
-            Linear::new(w.get("model.embed_tokens.weight", &[cfg.vocab_size, c], dtype)?, None)?
-        };
+        let head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings { "lm_head" } else { "model.embed_tokens" };
+        let lm_head = proj(w, head, cfg.vocab_size, c, false, dtype, act, quant)?;
         let inv = ops::rope_inv_freq(d, cfg.rope_theta, &cfg.rope_scaling);
         let (cos, sin) = ops::rope_tables(&inv, cfg.max_position_embeddings, act, device)?;
         Ok(Self {
@@ -87,7 +94,58 @@ impl Llama {
             cos,
             sin,
             act,
+            rope_interleaved: false,
         })
+    }
+
+    /// From a GGUF file (llama.cpp names: blk.N.attn_q, ...): projections stay quantized, the rest is f32.
+    pub fn load_gguf(cfg: &Config, g: &Gguf, device: &Device) -> Result<Self> {
+        let (c, d, h, hkv, f) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let q = |n: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
+            let b = if bias { Some(g.dense(&n.replace(".weight", ".bias"), &[out], device)?) } else { None };
+            Proj::from_qtensor(g.qtensor(n, &[out, inp], device)?, b)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("blk.{i}");
+            layers.push(Block {
+                input_layernorm: g.dense(&format!("{p}.attn_norm.weight"), &[c], device)?,
+                self_attn: Attention {
+                    q_proj: q(&format!("{p}.attn_q.weight"), h * d, c, cfg.qkv_bias)?,
+                    k_proj: q(&format!("{p}.attn_k.weight"), hkv * d, c, cfg.qkv_bias)?,
+                    v_proj: q(&format!("{p}.attn_v.weight"), hkv * d, c, cfg.qkv_bias)?,
+                    o_proj: q(&format!("{p}.attn_output.weight"), c, h * d, false)?,
+                },
+                post_attention_layernorm: g.dense(&format!("{p}.ffn_norm.weight"), &[c], device)?,
+                mlp: Mlp {
+                    gate_proj: q(&format!("{p}.ffn_gate.weight"), f, c, false)?,
+                    up_proj: q(&format!("{p}.ffn_up.weight"), f, c, false)?,
+                    down_proj: q(&format!("{p}.ffn_down.weight"), c, f, false)?,
+                },
+            });
+        }
+        let head = if g.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
+        let inv = ops::rope_inv_freq(d, cfg.rope_theta, &cfg.rope_scaling);
+        let (cos, sin) = ops::rope_tables(&inv, cfg.max_position_embeddings, DType::F32, device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens: g.dense("token_embd.weight", &[cfg.vocab_size, c], device)?,
+            layers,
+            norm: g.dense("output_norm.weight", &[c], device)?,
+            lm_head: q(head, cfg.vocab_size, c, false)?,
+            cos,
+            sin,
+            act: DType::F32,
+            rope_interleaved: cfg.model_type == "llama",
+        })
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.rope_interleaved {
+            Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)?)
+        } else {
+            ops::rope(x, cos, sin)
+        }
     }
 
     /// ids [B, T], positions [B, T] -> final hidden states [B, T, C]. `mask` (additive, [B, 1, T, Tcache+T])
@@ -110,8 +168,8 @@ impl Llama {
         for (i, blk) in self.layers.iter().enumerate() {
             let a = &blk.self_attn;
             let hn = ops::rms_norm(&x, &blk.input_layernorm, self.cfg.norm_eps)?;
-            let q = ops::rope(&split_heads(&a.q_proj.forward(&hn)?, h, d)?, &cos, &sin)?; // [B, H, T, D]
-            let k = ops::rope(&split_heads(&a.k_proj.forward(&hn)?, hkv, d)?, &cos, &sin)?; // [B, Hkv, T, D]
+            let q = self.rope(&split_heads(&a.q_proj.forward(&hn)?, h, d)?, &cos, &sin)?; // [B, H, T, D]
+            let k = self.rope(&split_heads(&a.k_proj.forward(&hn)?, hkv, d)?, &cos, &sin)?; // [B, Hkv, T, D]
             let v = split_heads(&a.v_proj.forward(&hn)?, hkv, d)?;
             let (k, v) = cache.append(i, k, v)?;
             let y = ops::attention(&q, &k, &v, mask.is_none(), mask, None)?;

@@ -32,8 +32,10 @@ impl PyModel {
     #[pyo3(signature = (path, device = "cpu", dtype = None))]
     fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
         let dev = parse_device(device).py()?;
-        let dtype = dtype.map(parse_dtype).transpose().py()?;
-        let inner = py.detach(|| Model::load(&path, &dev, dtype)).py()?;
+        // a quantized dtype ("q8_0", ...) quantizes the projections at load time; the rest stays float32
+        let quant = dtype.and_then(crate::quantized::parse_qdtype);
+        let dtype = if quant.is_some() { None } else { dtype.map(parse_dtype).transpose().py()? };
+        let inner = py.detach(|| Model::load(&path, &dev, dtype, quant)).py()?;
         Ok(Self { inner: std::sync::Arc::new(inner) })
     }
 

@@ -72,14 +72,14 @@ fn softmax_like<'py>(
 
 /// softmax(x) along `axis`.
 #[pyfunction]
-#[pyo3(signature = (x, axis = -1))]
+#[pyo3(signature = (x, axis = -1), text_signature = "(x, axis=-1)")]
 pub fn ops_softmax<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, axis: isize) -> PyResult<Out<'py>> {
     softmax_like(py, "softmax", x, axis, ops::softmax)
 }
 
 /// log softmax(x) along `axis`.
 #[pyfunction]
-#[pyo3(signature = (x, axis = -1))]
+#[pyo3(signature = (x, axis = -1), text_signature = "(x, axis=-1)")]
 pub fn ops_log_softmax<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, axis: isize) -> PyResult<Out<'py>> {
     softmax_like(py, "log_softmax", x, axis, ops::log_softmax)
 }
@@ -174,7 +174,10 @@ pub fn ops_attention<'py>(
 /// -log softmax(logits)[target] per row; logits [..., V], targets [...] (int64). With `reduction` "none" the
 /// result has the targets' shape; with "sum" or "mean" it is 0-d.
 #[pyfunction]
-#[pyo3(signature = (logits, targets, ignore_index = -100, reduction = "mean"))]
+#[pyo3(
+    signature = (logits, targets, ignore_index = -100, reduction = "mean"),
+    text_signature = "(logits, targets, ignore_index=-100, reduction='mean')"
+)]
 pub fn ops_cross_entropy<'py>(
     py: Python<'py>,
     logits: PyReadonlyArrayDyn<'py, f32>,
@@ -201,19 +204,17 @@ pub fn ops_cross_entropy<'py>(
     if n == 0 {
         // Nothing to average: the mean of no rows is nan, the sum 0, as in the reference.
         let v = if red == ops::Reduction::Mean { vec![f32::NAN] } else { vec![0.0] };
-        return if red == ops::Reduction::None { empty(py, &out_shape) } else { PyArray1::from_vec(py, v).reshape(out_shape) };
+        return if red == ops::Reduction::None {
+            empty(py, &out_shape)
+        } else {
+            PyArray1::from_vec(py, v).reshape(out_shape)
+        };
     }
     run(py, move || Ok(ops::cross_entropy(&logits, &targets, ignore_index, red)?.reshape(out_shape)?))
 }
 
 /// A [C] parameter of a norm, or `fill` when it is None.
-fn norm_param(
-    op: &str,
-    name: &str,
-    p: Option<PyReadonlyArrayDyn<'_, f32>>,
-    xs: &[usize],
-    fill: f32,
-) -> Result<Tensor> {
+fn norm_param(op: &str, name: &str, p: Option<PyReadonlyArrayDyn<'_, f32>>, xs: &[usize], fill: f32) -> Result<Tensor> {
     let c = xs[xs.len() - 1];
     match p {
         None => Ok(Tensor::full(fill, c, &Device::Cpu)?),
@@ -306,11 +307,14 @@ fn rope_scaling(s: Option<HashMap<String, Bound<'_, PyAny>>>) -> Result<RopeScal
     let Some(s) = s.filter(|s| !s.is_empty()) else { return Ok(RopeScaling::None) };
     let kind: String = match s.get("rope_type").or_else(|| s.get("type")) {
         None => "default".into(),
-        Some(k) => k.extract().map_err(|_| Error::arg(format!("rope: scaling[\"rope_type\"] must be a string, got {k}")))?,
+        Some(k) => {
+            k.extract().map_err(|_| Error::arg(format!("rope: scaling[\"rope_type\"] must be a string, got {k}")))?
+        }
     };
     let num = |key: &str| -> Result<f64> {
         let v = s.get(key).ok_or_else(|| Error::arg(format!("rope: {kind:?} scaling needs {key:?}")))?;
-        let x: f64 = v.extract().map_err(|_| Error::arg(format!("rope: scaling[{key:?}] must be a number, got {v}")))?;
+        let x: f64 =
+            v.extract().map_err(|_| Error::arg(format!("rope: scaling[{key:?}] must be a number, got {v}")))?;
         if !(x.is_finite() && x > 0.0) {
             return Err(Error::arg(format!("rope: scaling[{key:?}] must be a finite number > 0, got {x}")));
         }
@@ -383,11 +387,7 @@ pub fn ops_rope<'py>(
     run(py, move || {
         let inv_freq = ops::rope_inv_freq(d, theta, &scaling);
         let (cos, sin) = ops::rope_tables_at(&inv_freq, &pos, DType::F32, &Device::Cpu)?; // [P, D/2]
-        let (cos, sin) = if batched {
-            (cos.reshape((b, t, d / 2))?, sin.reshape((b, t, d / 2))?)
-        } else {
-            (cos, sin)
-        };
+        let (cos, sin) = if batched { (cos.reshape((b, t, d / 2))?, sin.reshape((b, t, d / 2))?) } else { (cos, sin) };
         Ok(ops::rope(&x.reshape((b, h, t, d))?, &cos, &sin)?.reshape(xs)?)
     })
 }

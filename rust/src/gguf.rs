@@ -1,0 +1,269 @@
+//! GGUF files (llama.cpp's format): metadata -> config and tokenizer, tensors -> quantized projections.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::config::{Arch, Config, RopeScaling};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+pub struct Gguf {
+    pub path: PathBuf,
+    content: Content,
+    reader: std::sync::Mutex<BufReader<std::fs::File>>,
+    pub arch: String,
+}
+
+const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2";
+
+impl Gguf {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::load(path, e))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader)
+            .map_err(|e| Error::load(path, format!("not a valid GGUF file ({})", first_line(&e))))?;
+        let len = std::fs::metadata(path).map_err(|e| Error::load(path, e))?.len();
+        for (name, info) in &content.tensor_infos {
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            if content.tensor_data_offset + info.offset + bytes as u64 > len {
+                return Err(Error::load(
+                    path,
+                    format!("truncated: tensor {name:?} ends past the end of the file ({len} bytes)"),
+                ));
+            }
+        }
+        let mut g = Self { path: path.to_path_buf(), content, reader: std::sync::Mutex::new(reader), arch: String::new() };
+        g.arch = g.str("general.architecture")?;
+        Ok(g)
+    }
+
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::load(&self.path, format!("missing metadata key {key:?}")))
+    }
+
+    fn str(&self, key: &str) -> Result<String> {
+        self.get(key)?.to_string().cloned().map_err(|_| Error::load(&self.path, format!("metadata {key:?} is not a string")))
+    }
+
+    fn num(&self, key: &str) -> Result<f64> {
+        let v = self.get(key)?;
+        v.to_f64()
+            .or_else(|_| v.to_f32().map(f64::from))
+            .or_else(|_| v.to_u64().map(|x| x as f64))
+            .or_else(|_| v.to_u32().map(f64::from))
+            .or_else(|_| v.to_i32().map(f64::from))
+            .or_else(|_| v.to_i64().map(|x| x as f64))
+            .map_err(|_| Error::load(&self.path, format!("metadata {key:?} is not a number")))
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        Ok(self.num(key)? as usize)
+    }
+
+    fn opt_num(&self, key: &str) -> Option<f64> {
+        self.content.metadata.get(key).and_then(|_| self.num(key).ok())
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    pub fn tensor_dtypes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.content.tensor_infos.values().map(|i| format!("{:?}", i.ggml_dtype)).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// A tensor as stored (quantized or not), with its shape checked ([out, in] row-major).
+    pub fn qtensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::load(&self.path, format!("no tensor named {name:?}")))?;
+        if info.shape.dims() != shape {
+            return Err(Error::load(
+                &self.path,
+                format!("tensor {name:?} has shape {:?}, but the metadata implies {shape:?}", info.shape.dims()),
+            ));
+        }
+        let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.content
+            .tensor(&mut *r, name, device)
+            .map_err(|e| Error::load(&self.path, format!("tensor {name:?} ({:?}): {}", info.ggml_dtype, first_line(&e))))
+    }
+
+    /// A tensor dequantized to a dense f32 tensor (norms, embeddings).
+    pub fn dense(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(self.qtensor(name, shape, device)?.dequantize(device)?.to_dtype(DType::F32)?)
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let a = self.arch.as_str();
+        let arch = match a {
+            "llama" | "qwen2" => Arch::Llama,
+            other => {
+                return Err(Error::load(
+                    &self.path,
+                    format!("unsupported GGUF architecture {other:?} (general.architecture); supported: {SUPPORTED_ARCHS}"),
+                ))
+            }
+        };
+        let k = |s: &str| format!("{a}.{s}");
+        let hidden = self.usize(&k("embedding_length"))?;
+        let heads = self.usize(&k("attention.head_count"))?;
+        let kv = self.opt_num(&k("attention.head_count_kv")).map(|x| x as usize).unwrap_or(heads);
+        let vocab = match self.content.metadata.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(t)) => t.len(),
+            _ => self.usize(&k("vocab_size"))?,
+        };
+        let head_dim = self.opt_num(&k("rope.dimension_count")).map(|x| x as usize).unwrap_or(hidden / heads);
+        let raw = json!({"model_type": a, "gguf": self.path.display().to_string()});
+        Ok(Config {
+            arch,
+            model_type: a.to_string(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            num_layers: self.usize(&k("block_count"))?,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            intermediate_size: self.usize(&k("feed_forward_length"))?,
+            max_position_embeddings: self.usize(&k("context_length"))?,
+            norm_eps: self.opt_num(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rope_theta: self.opt_num(&k("rope.freq_base")).unwrap_or(10000.0),
+            rope_scaling: match self.opt_num(&k("rope.scale_linear")) {
+                Some(f) if f != 1.0 => RopeScaling::Linear { factor: f },
+                _ => RopeScaling::None,
+            },
+            tie_word_embeddings: !self.has_tensor("output.weight"),
+            hidden_act: "silu".into(),
+            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
+            o_bias: false,
+            mlp_bias: false,
+            type_vocab_size: 0,
+            bos_token_id: self.opt_num("tokenizer.ggml.bos_token_id").map(|x| x as u32),
+            raw,
+        })
+    }
+
+    /// The tokenizer described by tokenizer.ggml.* (byte-level BPE), as a Hugging Face tokenizer pipeline.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let model = self.str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(Error::load(
+                &self.path,
+                format!("tokenizer.ggml.model {model:?} is not supported (supported: \"gpt2\", byte-level BPE)"),
+            ));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match self.get(key)? {
+                Value::Array(v) => v
+                    .iter()
+                    .map(|x| x.to_string().cloned().map_err(|_| Error::load(&self.path, format!("{key} holds a non-string"))))
+                    .collect(),
+                _ => Err(Error::load(&self.path, format!("metadata {key:?} is not an array"))),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match self.content.metadata.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(v)) => v.iter().map(|x| x.to_i32().map(i64::from).unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let pre = self.content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+        // llama.cpp's pre-tokenizer types, as the equivalent tokenizers pipeline
+        let pre_tokenizer = match pre.as_str() {
+            "" | "default" | "gpt2" | "gpt-2" => byte_level(true),
+            "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
+            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
+            other => {
+                return Err(Error::load(
+                    &self.path,
+                    format!("tokenizer.ggml.pre {other:?} is not supported (supported: gpt2, smollm, llama-bpe, qwen2)"),
+                ))
+            }
+        };
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        // token types: 3 = control (special), 4 = user-defined (added, not special)
+        let added: Vec<serde_json::Value> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(i, &t)| {
+                json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": t == 3})
+            })
+            .collect();
+        let id = |key: &str| self.opt_num(key).map(|x| x as usize).filter(|&i| i < tokens.len());
+        let add_bos = self.content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let post = match (add_bos, id("tokenizer.ggml.bos_token_id")) {
+            (true, Some(b)) => json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": tokens[b], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": tokens[b], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {tokens[b].clone(): {"id": tokens[b], "ids": [b], "tokens": [tokens[b]]}}}),
+            _ => serde_json::Value::Null,
+        };
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null, "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e| Error::load(&self.path, format!("cannot build the tokenizer from its metadata: {e}")))?;
+        let mut tok_config = serde_json::Map::new();
+        for (name, key) in [
+            ("bos_token", "tokenizer.ggml.bos_token_id"),
+            ("eos_token", "tokenizer.ggml.eos_token_id"),
+            ("unk_token", "tokenizer.ggml.unknown_token_id"),
+            ("pad_token", "tokenizer.ggml.padding_token_id"),
+        ] {
+            if let Some(i) = id(key) {
+                tok_config.insert(name.into(), json!(tokens[i]));
+            }
+        }
+        let mut config = HashMap::new();
+        if let Some(e) = id("tokenizer.ggml.eos_token_id") {
+            config.insert("eos_token_id", json!(e));
+        }
+        if let Some(e) = id("tokenizer.ggml.eot_token_id") {
+            config.insert("eot_token_id", json!(e));
+        }
+        let config = json!(config);
+        let gen = self.content.metadata.get("tokenizer.ggml.eot_token_id").and_then(|_| id("tokenizer.ggml.eot_token_id"));
+        let gen = gen.map(|e| json!({"eos_token_id": [e]}));
+        let template = self.content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        Tokenizer::new(inner, self.path.clone(), Some(&json!(tok_config)), Some(&config), gen.as_ref(), template)
+    }
+}
+
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

@@ -1,0 +1,99 @@
+"""Write a Hugging Face Llama checkpoint folder as a GGUF file, the way llama.cpp's convert_hf_to_gguf.py does."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp stores q/k rows reordered for its interleaved ("normal") RoPE."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(
+    folder: Path,
+    out: Path,
+    qtype: gguf.GGMLQuantizationType | None = None,
+    arch: str = "llama",
+    quantize_embeddings: bool = True,
+) -> Path:
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    w = load_file(folder / "model.safetensors")
+    h, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(h)
+    writer.add_head_count_kv(hkv)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    for a in tok["added_tokens"]:
+        if a["id"] >= len(tokens):
+            tokens.append(a["content"])
+        else:
+            tokens[a["id"]] = a["content"]
+    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(tok["model"]["vocab"].get(tcfg["bos_token"], 0))
+    writer.add_eos_token_id(cfg["eos_token_id"])
+    writer.add_pad_token_id(cfg["pad_token_id"])
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(tcfg["chat_template"])
+
+    def add(name: str, arr: np.ndarray, quantize: bool = True):
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if qtype is not None and quantize and arr.ndim == 2:
+            data = arr.astype(np.float16) if qtype == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(arr, qtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, arr)
+
+    add("token_embd.weight", w["model.embed_tokens.weight"], quantize=quantize_embeddings)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        add(f"blk.{i}.attn_norm.weight", w[f"{p}.input_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", permute(w[f"{p}.self_attn.q_proj.weight"], h))
+        add(f"blk.{i}.attn_k.weight", permute(w[f"{p}.self_attn.k_proj.weight"], hkv))
+        add(f"blk.{i}.attn_v.weight", w[f"{p}.self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", w[f"{p}.self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", w[f"{p}.post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", w[f"{p}.mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", w[f"{p}.mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", w[f"{p}.mlp.down_proj.weight"])
+    add("output_norm.weight", w["model.norm.weight"])
+    if "lm_head.weight" in w and not cfg.get("tie_word_embeddings"):
+        add("output.weight", w["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def dequantized_checkpoint(folder: Path, out: Path, qtype: gguf.GGMLQuantizationType) -> Path:
+    """A copy of `folder` whose matrices went through `qtype` and back: what a quantized file holds, as float32."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    shutil.copytree(folder, out)
+    w = load_file(folder / "model.safetensors")
+    roundtrip = lambda v: gguf.quants.dequantize(gguf.quants.quantize(v, qtype), qtype).reshape(v.shape)
+    save_file({k: (roundtrip(v.astype(np.float32)).astype(np.float32) if v.ndim == 2 else v) for k, v in w.items()},
+              out / "model.safetensors")
+    return out

@@ -1,0 +1,97 @@
+"""GGUF files: a fixture written as GGUF matches the safetensors path; quantized kernels; bad files."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+import candlewick as cw
+from conftest import DATA
+from gguf_util import dequantized_checkpoint, write_llama_gguf
+
+LLAMA = DATA / "llama-tiny"
+
+
+@pytest.fixture(scope="module")
+def dense_gguf(tmp_path_factory):
+    return write_llama_gguf(LLAMA, tmp_path_factory.mktemp("gguf") / "llama-tiny-f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def st_model():
+    return cw.load(LLAMA)
+
+
+def test_f32_gguf_matches_safetensors(dense_gguf, st_model):
+    m = cw.load(dense_gguf)
+    r = np.load(LLAMA / "reference.npz")
+    for i in range(4):
+        ids = r[f"prompt{i}_ids"]
+        np.testing.assert_allclose(m.logits(ids), st_model.logits(ids), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(m.logits(ids), r[f"prompt{i}_logits"], rtol=0, atol=1e-4)
+        out = m.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True)
+        assert out.choices[0].token_ids == list(r[f"prompt{i}_greedy"])
+
+
+def test_gguf_tokenizer_and_template_from_metadata(dense_gguf, st_model, vectors):
+    tok, ref = cw.load(dense_gguf).tokenizer, st_model.tokenizer
+    assert (tok.bos_token_id, tok.eos_token_ids) == (ref.bos_token_id, ref.eos_token_ids)
+    for row in vectors:
+        ids = ref.encode(row["text"])
+        assert tok.encode(row["text"]) == ids
+        assert tok.decode(ids) == ref.decode(ids)
+    for case in json.loads((LLAMA / "chat_reference.json").read_text()):
+        assert tok.apply_chat_template(case["messages"], case["add_generation_prompt"]) == case["rendered"]
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_quantized_kernels_match_their_dequantized_weights(tmp_path, qtype):
+    """The quantized matmuls compute with the file's weights: run dense on the same weights dequantized, they
+    differ only by the activations' rounding to 8 bits inside the kernels (none for F16)."""
+    qt = gguf.GGMLQuantizationType[qtype]
+    quant = cw.load(write_llama_gguf(LLAMA, tmp_path / "q.gguf", qtype=qt))
+    dense = cw.load(dequantized_checkpoint(LLAMA, tmp_path / "deq", qt))
+    r = np.load(LLAMA / "reference.npz")
+    bound = 1e-3 if qtype == "F16" else 0.08
+    for i in range(4):
+        ids = r[f"prompt{i}_ids"]
+        a, b = quant.logits(ids), dense.logits(ids)
+        assert np.linalg.norm(a - b) <= bound * np.linalg.norm(b)
+        assert np.mean(a.argmax(-1) == b.argmax(-1)) >= (1.0 if qtype == "F16" else 0.8)
+
+
+def test_load_time_q8_0_matches_q8_0_gguf(tmp_path, st_model):
+    qt = gguf.GGMLQuantizationType.Q8_0
+    from_file = cw.load(write_llama_gguf(LLAMA, tmp_path / "q8.gguf", qtype=qt, quantize_embeddings=False))
+    at_load = cw.load(LLAMA, dtype="q8_0")
+    assert at_load.config["dtype"] == "float32"  # the activations; the projections are Q8_0
+    for i in range(4):
+        ids = np.load(LLAMA / "reference.npz")[f"prompt{i}_ids"]
+        # the same block format and kernels: each block of 32 weights rounds to int8 with scale max|x| / 127
+        np.testing.assert_allclose(at_load.logits(ids), from_file.logits(ids), rtol=0, atol=1e-3)
+    with pytest.raises(cw.InvalidArgument, match="q4_k|Q4K|block"):
+        cw.load(LLAMA, dtype="q4_k")  # 64 input features: not a multiple of the K-quant block of 256
+
+
+@pytest.mark.parametrize("cut", [3, 20, 1000, -100])
+def test_truncated_gguf(dense_gguf, tmp_path, cut):
+    data = dense_gguf.read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(cw.ModelLoadError, match="cut.gguf"):
+        cw.load(bad)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = write_llama_gguf(LLAMA, tmp_path / "m.gguf", arch="mamba")
+    with pytest.raises(cw.ModelLoadError, match="mamba.*supported: llama"):
+        cw.load(path)
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"GGML" + b"\0" * 100)
+    with pytest.raises(cw.ModelLoadError, match="x.gguf"):
+        cw.load(p)
