@@ -216,8 +216,11 @@ def _check_params(params: Mapping[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> Model:
-    """Load a Hugging Face-style checkpoint folder (config.json, *.safetensors, tokenizer.json).
+    """Load a Hugging Face-style checkpoint folder (config.json, *.safetensors, tokenizer.json), or a hub id
+    ("org/name") through the huggingface_hub cache (see candlewick.hub.resolve).
 
     device: "cpu", "cuda" or "cuda:N". dtype: None (the checkpoint's; float32 on CPU), "float32", "bfloat16" or
     "float16"."""
-    return Model(_native.Model.load(os.fspath(path), device, dtype))
+    from . import hub
+
+    return Model(_native.Model.load(hub.resolve(path), device, dtype))

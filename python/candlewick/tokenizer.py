@@ -87,11 +87,16 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load from a checkpoint folder or a tokenizer.json (its folder is read for tokenizer_config.json,
-        config.json and generation_config.json)."""
-        if not os.path.exists(path):
-            raise TokenizerError(f"{os.fspath(path)}: no such file or folder")
-        return cls(_native.Tokenizer.from_pretrained(os.fspath(path)))
+        """Load from a checkpoint folder, a tokenizer.json (its folder is read for tokenizer_config.json,
+        config.json and generation_config.json) or a hub id ("org/name", through the huggingface_hub cache)."""
+        from . import hub
+
+        name = os.fspath(path)
+        if not os.path.exists(name):
+            if not hub.is_hub_id(name):
+                raise TokenizerError(f"{name}: no such file or folder")
+            name = hub.resolve(name, allow_patterns=hub.TOKENIZER_FILES)
+        return cls(_native.Tokenizer.from_pretrained(name))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds what the checkpoint's post-processor adds (BOS, [CLS]...)."""

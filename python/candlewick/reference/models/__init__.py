@@ -112,6 +112,12 @@ class CausalLM:
     def hidden_states(self, ids) -> np.ndarray:  # [T] -> [T, C]
         return self.module.hidden_states(self.params, self.config, np.asarray([self._ids(ids)]))[0]
 
+    def all_hidden_states(self, ids) -> list[np.ndarray]:  # [T] -> L + 1 arrays [T, C]
+        """The residual stream after each of the L blocks, then the final normed hidden state (what the
+        engine's `_native.hidden_states` returns), for comparing the two layer by layer."""
+        layers = self.module.hidden_states(self.params, self.config, np.asarray([self._ids(ids)]), all_layers=True)
+        return [h[0] for h in layers]
+
     def logits(self, ids) -> np.ndarray:
         """float64 [T, V] for one sequence; [B, T, V] for a list of sequences, right-padded with zeros
         (row b holds sequence b's positions 0 .. len_b - 1)."""

@@ -118,9 +118,13 @@ def block(x, p, cfg: Config, layer: int):  # [B, T, C] -> [B, T, C]
     return x + mlp(layer_norm(x, **p["ln_2"], eps=eps), p, cfg)
 
 
-def hidden_states(params, cfg: Config, ids):  # [B, T] -> [B, T, C], after the final LayerNorm
+def hidden_states(params, cfg: Config, ids, *, all_layers=False):  # [B, T] -> [B, T, C], after the final LayerNorm
+    """With all_layers: a list of the residual stream after each block, then the final normed state."""
     ids = np.asarray(ids)
     x = params["wte"][ids] + params["wpe"][np.arange(ids.shape[-1])]       # [B, T, C]
+    layers = []
     for i, p in enumerate(params["blocks"]):
         x = block(x, p, cfg, i)
-    return layer_norm(x, **params["ln_f"], eps=cfg.layer_norm_epsilon)
+        layers.append(x)
+    x = layer_norm(x, **params["ln_f"], eps=cfg.layer_norm_epsilon)
+    return layers + [x] if all_layers else x

@@ -156,10 +156,14 @@ def decoder_layer(x, p, cfg: Config, positions, window):  # [B, T, C] -> [B, T, 
     return x + mlp(rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps), p, cfg)
 
 
-def hidden_states(params, cfg: Config, ids):  # [B, T] -> [B, T, C], after the final RMSNorm
+def hidden_states(params, cfg: Config, ids, *, all_layers=False):  # [B, T] -> [B, T, C], after the final RMSNorm
+    """With all_layers: a list of the residual stream after each layer, then the final normed state."""
     ids = np.asarray(ids)
     positions = np.arange(ids.shape[-1])                                     # [T]
     x = params["embed_tokens"][ids]                                          # [B, T, C]
+    layers = []
     for p, window in zip(params["layers"], cfg.sliding_windows):
         x = decoder_layer(x, p, cfg, positions, window)
-    return rms_norm(x, params["norm"], cfg.rms_norm_eps)
+        layers.append(x)
+    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    return layers + [x] if all_layers else x

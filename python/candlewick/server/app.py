@@ -1,0 +1,490 @@
+"""The OpenAI-compatible HTTP API over one loaded model: /v1/completions, /v1/chat/completions, /v1/embeddings,
+/v1/models and /health.
+
+The engine is synchronous and releases the GIL, so its work runs in a small thread pool and the event loop stays
+free. A non-streamed request is one job; a stream is one job per text piece, so many streams advance side by
+side and a long one never keeps the others from starting. A client that leaves mid-stream closes its stream,
+which stops the generation and frees its place among the `max_active` requests served at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import secrets
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from sse_starlette import EventSourceResponse
+
+from ..model import Completion, Model
+from ..reference.tokenizer import from_byte_chars
+from .errors import APIError, as_api_error, install
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+
+class Engine:
+    """The model, the thread pool its work runs in, and the count of requests being served."""
+
+    def __init__(self, model: Model, workers: int = 4, max_active: int = 64):
+        self.model = model
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="candlewick-worker")
+        self.slots = asyncio.Semaphore(max_active)
+        self.active = 0  # requests holding a slot (streams until they end or their client leaves)
+        self.context_length: int = model.config["context_length"]
+        self.is_encoder = model.config.get("model_type") == "bert"
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        """Run fn(*args) in the pool and wait for it without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def acquire(self) -> Callable[[], None]:
+        """Wait for a slot; returns the function that gives it back (idempotent)."""
+        await self.slots.acquire()
+        self.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+                self.slots.release()
+
+        return release
+
+    # -- work done in the pool ---------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompt: Any, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
+        """A completions `prompt` (text, texts, ids or lists of ids) as token id lists, checked against the
+        context, and as texts."""
+        if isinstance(prompt, str):
+            prompts: list = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt is empty", param=param)
+        tok = self.model.tokenizer
+        ids, texts = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                if tok is None:
+                    raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param=param)
+                texts.append(p)
+                p = tok.encode(p)
+            else:
+                texts.append(tok.decode(p) if tok is not None else "")
+            ids.append(self.check_length(list(p), param))
+        return ids, texts
+
+    def check_length(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, f"{param} is empty: at least one token is needed", param=param)
+        if len(ids) >= self.context_length:
+            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens, but the "
+                                f"{param} has {len(ids)} tokens, which leaves no room for the completion.",
+                           param=param, code="context_length_exceeded")
+        return ids
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        if self.model.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so it has no chat template", param="messages")
+        ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return self.check_length(ids, "messages")
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and its bytes (a byte-level BPE token may hold part of a UTF-8 character)."""
+        tok = self.model.tokenizer
+        text = tok.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" in text:
+            try:
+                return text, list(from_byte_chars(tok.id_to_token(token_id)))
+            except (KeyError, ValueError, TypeError):
+                pass
+        return text, list(text.encode("utf-8"))
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _pieces(engine: Engine, token_ids: list[int], text: str) -> list[str]:
+    """The text of each token as a stream would send it, joining to `text` (which a stop string may have cut)."""
+    dec = engine.model.tokenizer.decoder()
+    out, pos = [], 0
+    for t in token_ids:
+        piece = dec.step(t)
+        take = piece if text.startswith(piece, pos) else text[pos:]
+        out.append(take)
+        pos += len(take)
+    if out and pos < len(text):
+        out[-1] += text[pos:]
+    return out
+
+
+# -- logprobs in OpenAI's two shapes ------------------------------------------------------------------------------
+
+def completion_logprobs(engine: Engine, logprobs, pieces: list[str], offset: int = 0) -> dict:
+    """Legacy completions: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}, where
+    text_offset[i] is where token i's text starts in the returned text (`pieces` are those texts)."""
+    offsets = []
+    for piece in pieces:
+        offsets.append(offset)
+        offset += len(piece)
+    return {
+        "tokens": [engine.token_text(lp.token_id)[0] for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{engine.token_text(t)[0]: v for t, v in lp.top_logprobs} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(engine: Engine, logprobs) -> dict:
+    """Chat: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    content = []
+    for lp in logprobs:
+        text, raw = engine.token_text(lp.token_id)
+        top = []
+        for t, v in lp.top_logprobs:
+            ttext, traw = engine.token_text(t)
+            top.append({"token": ttext, "logprob": v, "bytes": traw})
+        content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+# -- streaming ------------------------------------------------------------------------------------------------------
+
+class _Stream(EventSourceResponse):
+    """Server-sent events that run `on_close` however the response ends: finished, failed or client gone."""
+
+    def __init__(self, content: AsyncIterator[dict], on_close: Callable[[], None]):
+        super().__init__(content)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _event(obj: Any) -> dict:
+    return {"data": json.dumps(obj, ensure_ascii=False, separators=(",", ":"))}
+
+
+class _Job:
+    """A native stream advanced one step at a time in the pool. Closing waits for the step in flight: the
+    native stream must not be closed from one thread while another steps it."""
+
+    def __init__(self, engine: Engine, native):
+        self.engine, self.native = engine, native
+        self.step: Future | None = None
+        self.result: Completion | None = None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The text pieces; self.result holds the completion once they are all out."""
+        while True:
+            self.step = self.engine.pool.submit(next, self.native, None)
+            piece = await asyncio.wrap_future(self.step)
+            if piece is None:
+                break
+            if piece:
+                yield piece
+        self.result = Completion._from_native(self.native.result())
+
+    def close(self) -> None:
+        if self.step is None:
+            self.native.close()
+        else:  # now if the step is done, else in its worker thread right after it
+            self.step.add_done_callback(lambda _: self.native.close())
+
+
+def create_app(model: Model, model_id: str, api_key: str | None = None, *, workers: int = 4,
+               max_active: int = 64) -> FastAPI:
+    """The FastAPI application serving `model` under the name `model_id`. With `api_key`, every /v1 request
+    must carry `Authorization: Bearer <api_key>`. `workers` threads run the engine; at most `max_active`
+    requests are served at once, the rest wait their turn."""
+    engine = Engine(model, workers=workers, max_active=max_active)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="candlewick", version=_version(), lifespan=lifespan)
+    app.state.engine = engine
+    app.state.model_id = model_id
+    install(app)
+    created = _now()
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided (send it as 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != model_id:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_id}'",
+                           param="model", code="model_not_found")
+
+    def check_generative() -> None:
+        if engine.is_encoder:
+            raise APIError(400, f"'{model_id}' is an encoder model: it serves /v1/embeddings only", param="model")
+
+    def sampling(body) -> dict:
+        try:
+            return body.sampling_params()
+        except ValueError as e:
+            raise APIError(400, str(e), param="logit_bias") from None
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, "active_requests": engine.active}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_model_card(model_id, created)]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def get_model(name: str) -> dict:
+        check_model(name)
+        return _model_card(model_id, created)
+
+    # -- /v1/completions -----------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        check_generative()
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of is not supported (use n)", param="best_of")
+        if body.suffix:
+            raise APIError(400, "suffix (insertion) is not supported", param="suffix")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported", param="echo")
+        params = sampling(body)
+        params.update(max_new_tokens=body.max_tokens or 16, logprobs=body.logprobs)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", _now()
+
+        def chunk(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+        release = await engine.acquire()
+        try:
+            prompts, texts = await engine.run(engine.encode_prompts, body.prompt)
+            echo = texts if body.echo else [""] * len(prompts)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            if body.stream and len(prompts) == 1 and body.n == 1 and body.logprobs is None and not body.echo:
+                job = _Job(engine, await engine.run(model._native.stream, prompts[0], params))
+                close = _closer(job, release)
+
+                async def events():
+                    try:
+                        async for piece in job.pieces():
+                            yield _event(chunk(0, piece, None))
+                        c = job.result
+                        yield _event(chunk(0, "", c.choices[0].finish_reason))
+                        if include_usage:
+                            yield _event(_usage_chunk(rid, "text_completion", now, model_id, c.usage))
+                    except Exception as e:  # the status is sent already: report the error as an event
+                        yield _event(as_api_error(e).body())
+                    yield {"data": "[DONE]"}
+
+                return _Stream(events(), close)
+
+            results: list[Completion] = await engine.run(functools.partial(model.generate, prompts, **params))
+        except BaseException:
+            release()
+            raise
+        release()
+
+        if body.stream:  # n > 1, logprobs or several prompts: generated whole, sent token by token
+            async def replay():
+                for p, c in enumerate(results):
+                    for ch in c.choices:
+                        index = p * body.n + ch.index
+                        pieces = _pieces(engine, ch.token_ids, ch.text)
+                        if echo[p]:
+                            yield _event(chunk(index, echo[p], None))
+                        offset = 0
+                        for k, piece in enumerate(pieces):
+                            lp = None
+                            if ch.logprobs is not None:
+                                lp = completion_logprobs(engine, ch.logprobs[k:k + 1], [piece], offset)
+                            offset += len(piece)
+                            yield _event(chunk(index, piece, None, lp))
+                        yield _event(chunk(index, "", ch.finish_reason))
+                if include_usage:
+                    yield _event(_usage_chunk(rid, "text_completion", now, model_id, _sum_usage(results)))
+                yield {"data": "[DONE]"}
+
+            return EventSourceResponse(replay())
+
+        choices = []
+        for p, c in enumerate(results):
+            for ch in c.choices:
+                lp = None
+                if ch.logprobs is not None:
+                    lp = completion_logprobs(engine, ch.logprobs, _pieces(engine, ch.token_ids, ch.text))
+                choices.append({"index": p * body.n + ch.index, "text": echo[p] + ch.text, "logprobs": lp,
+                                "finish_reason": ch.finish_reason})
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_id, "choices": choices,
+                "usage": _sum_usage(results), "system_fingerprint": None}
+
+    # -- /v1/chat/completions ------------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest):
+        check_model(body.model)
+        check_generative()
+        if body.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        params = sampling(body)
+        # no max_tokens: until the end of the turn or the end of the context
+        params.update(max_new_tokens=body.max_completion_tokens or body.max_tokens or engine.context_length,
+                      logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        messages = [m.for_template() for m in body.messages]
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", _now()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                    "system_fingerprint": None,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+        release = await engine.acquire()
+        try:
+            ids = await engine.run(engine.chat_ids, messages)
+            if body.stream and body.n == 1 and not body.logprobs:
+                job = _Job(engine, await engine.run(model._native.stream, ids, params))
+                close = _closer(job, release)
+
+                async def events():
+                    try:
+                        yield _event(chunk(0, {"role": "assistant", "content": ""}, None))
+                        async for piece in job.pieces():
+                            yield _event(chunk(0, {"content": piece}, None))
+                        c = job.result
+                        yield _event(chunk(0, {}, c.choices[0].finish_reason))
+                        if include_usage:
+                            yield _event(_usage_chunk(rid, "chat.completion.chunk", now, model_id, c.usage))
+                    except Exception as e:
+                        yield _event(as_api_error(e).body())
+                    yield {"data": "[DONE]"}
+
+                return _Stream(events(), close)
+
+            result: Completion = await engine.run(functools.partial(model.generate, ids, **params))
+        except BaseException:
+            release()
+            raise
+        release()
+
+        if body.stream:  # n > 1 or logprobs: generated whole, sent token by token
+            async def replay():
+                for ch in result.choices:
+                    yield _event(chunk(ch.index, {"role": "assistant", "content": ""}, None))
+                    for k, piece in enumerate(_pieces(engine, ch.token_ids, ch.text)):
+                        lp = chat_logprobs(engine, ch.logprobs[k:k + 1]) if ch.logprobs is not None else None
+                        yield _event(chunk(ch.index, {"content": piece}, None, lp))
+                    yield _event(chunk(ch.index, {}, ch.finish_reason))
+                if include_usage:
+                    yield _event(_usage_chunk(rid, "chat.completion.chunk", now, model_id, result.usage))
+                yield {"data": "[DONE]"}
+
+            return EventSourceResponse(replay())
+
+        choices = [{"index": ch.index, "message": {"role": "assistant", "content": ch.text},
+                    "logprobs": chat_logprobs(engine, ch.logprobs) if ch.logprobs is not None else None,
+                    "finish_reason": ch.finish_reason} for ch in result.choices]
+        u = result.usage
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model_id, "choices": choices,
+                "usage": _usage(u.prompt_tokens, u.completion_tokens), "system_fingerprint": None}
+
+    # -- /v1/embeddings ------------------------------------------------------------------------------------------
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+    async def embeddings(body: EmbeddingRequest):
+        check_model(body.model)
+        if not engine.is_encoder:
+            raise APIError(400, f"'{model_id}' is a causal language model: embeddings need an encoder model "
+                                "(e.g. sentence-transformers/all-MiniLM-L6-v2)", param="model")
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise APIError(400, "input is empty", param="input")
+        if not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "input must be text (a string or a list of strings); token ids are not supported",
+                           param="input")
+        release = await engine.acquire()
+        try:
+            vectors, counts = await engine.run(_embed, model, texts)
+        finally:
+            release()
+        if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+            raise APIError(400, f"this model's embeddings have {vectors.shape[1]} dimensions, not {body.dimensions}",
+                           param="dimensions")
+        data = []
+        for i, v in enumerate(vectors):
+            emb: Any = (base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
+                        if body.encoding_format == "base64" else v.tolist())
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": model_id,
+                "usage": {"prompt_tokens": counts, "total_tokens": counts}}
+
+    return app
+
+
+def _embed(model: Model, texts: list[str]) -> tuple[np.ndarray, int]:
+    limit = model.config["context_length"]
+    counts = sum(min(len(ids), limit) for ids in model.tokenizer.encode_batch(texts))
+    return model.embed(texts), counts
+
+
+def _closer(job: _Job, release: Callable[[], None]) -> Callable[[], None]:
+    """Stop a stream's generation and give its slot back."""
+    def close() -> None:
+        job.close()
+        release()
+
+    return close
+
+
+def _usage_chunk(rid: str, obj: str, created: int, model_id: str, usage) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [],
+            "usage": _usage(usage.prompt_tokens, usage.completion_tokens)}
+
+
+def _sum_usage(results: list[Completion]) -> dict:
+    return _usage(sum(c.usage.prompt_tokens for c in results), sum(c.usage.completion_tokens for c in results))
+
+
+def _model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "candlewick"}
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
