@@ -20,11 +20,16 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
     /// Anything Candle reports that is not one of the above.
-    #[error("candle: {0}")]
+    #[error("candle: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Candle appends a backtrace to its messages when RUST_BACKTRACE is set; users get the message itself.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
 
 impl Error {
     pub fn load(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {

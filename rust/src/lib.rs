@@ -9,6 +9,7 @@ pub mod linear;
 pub mod model;
 pub mod models;
 pub mod ops;
+pub mod qkernels;
 pub mod quantized;
 pub mod sampling;
 pub mod tokenizer;

@@ -245,8 +245,9 @@ impl Model {
             let end = (begin + ctx).min(ids.len());
             let window = &ids[begin..end];
             let logits = self.logits(&[window.to_vec()])?.squeeze(0)?;
-            // predict tokens scored_to..end: rows (scored_to - 1 - begin)..
-            let from = scored_to - 1 - begin;
+            // predict tokens scored_to..end from rows (scored_to - 1 - begin)..; when the window starts at
+            // scored_to (stride == context), its first token has no context inside it and is not scored
+            let from = scored_to.max(begin + 1) - 1 - begin;
             let nll = self.nll_of(&logits, window, from)?;
             total += nll.iter().map(|&x| x as f64).sum::<f64>();
             count += nll.len();

@@ -5,9 +5,12 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::linear::Linear;
+use crate::qkernels::QWeight;
 
 pub enum Proj {
     Dense(Linear),
+    /// Q4_0 / Q4_1 / Q8_0 on the CPU: our kernels (qkernels.rs)
+    Blocks(QWeight, Option<Tensor>),
     /// quantized weight [out, in] (llama.cpp's kernels: Q4_0 ... Q8_0, K-quants), optional f32 bias
     Quant(QMatMul, Option<Tensor>),
 }
@@ -17,6 +20,13 @@ impl Proj {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense(l) => l.forward(x),
+            Proj::Blocks(w, bias) => {
+                let y = w.forward(&x.to_dtype(DType::F32)?)?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
             Proj::Quant(q, bias) => {
                 let y = q.forward(&x.to_dtype(DType::F32)?)?;
                 Ok(match bias {
@@ -28,6 +38,9 @@ impl Proj {
     }
 
     pub fn from_qtensor(q: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(w) = QWeight::from_qtensor(&q)? {
+            return Ok(Proj::Blocks(w, bias));
+        }
         Ok(Proj::Quant(QMatMul::from_qtensor(q)?, bias))
     }
 

@@ -170,28 +170,33 @@ impl PyStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<String> {
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let Some(gen) = guard.as_mut() else {
-                return Err(PyStopIteration::new_err(()));
-            };
-            let piece = gen.take_stream_text(0);
-            if !piece.is_empty() {
-                return Ok(piece);
-            }
-            if gen.row_finished(0) || gen.is_done() {
-                let done = guard.take().map(|g| g.into_completions().remove(0));
-                *self.result.lock().unwrap_or_else(|p| p.into_inner()) = done;
-                return Err(PyStopIteration::new_err(()));
-            }
-            py.detach(|| gen.step()).py()?;
-            py.check_signals()?;
-        }
+        // The state is only ever locked with the GIL released, so a step that briefly re-takes the GIL (to run
+        // signal handlers) can never wait on a thread that holds the GIL while waiting for this lock.
+        let piece = py
+            .detach(|| -> crate::Result<Option<String>> {
+                let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    let Some(gen) = guard.as_mut() else { return Ok(None) };
+                    let piece = gen.take_stream_text(0);
+                    if !piece.is_empty() {
+                        return Ok(Some(piece));
+                    }
+                    if gen.row_finished(0) || gen.is_done() {
+                        let done = guard.take().map(|g| g.into_completions().remove(0));
+                        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = done;
+                        return Ok(None);
+                    }
+                    gen.step()?;
+                    Python::attach(|py| py.check_signals()).map_err(|_| Error::Interrupted)?;
+                }
+            })
+            .py()?;
+        piece.ok_or_else(|| PyStopIteration::new_err(()))
     }
 
     /// Stop generating now (what closing the iterator does).
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).take();
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.state.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
     /// The finished completion (after the stream is exhausted), as `generate` would return it.

@@ -1,0 +1,231 @@
+//! CPU kernels for llama.cpp's Q4_0, Q4_1 and Q8_0 blocks, for the shapes decoding has (a few activation rows):
+//! every core streams its share of the weight rows once per step, dequantizing in registers and accumulating in
+//! f32 (activations are not rounded to 8 bits, unlike llama.cpp's). Candle has no SIMD path for Q4_1 at all.
+//! Prefill (many rows) dequantizes each weight once per call and uses the f32 GEMM.
+//!
+//! Layouts (one block = 32 weights): Q4_0 {d: f16, qs: [u8; 16]} w = d·(q - 8); Q4_1 {d: f16, m: f16, qs: [u8; 16]}
+//! w = d·q + m; Q8_0 {d: f16, qs: [i8; 32]} w = d·q. Nibble j of byte k is weight k (low) or k + 16 (high).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl Kind {
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4_0 => 18,
+            Kind::Q4_1 => 20,
+            Kind::Q8_0 => 34,
+        }
+    }
+}
+
+pub struct QWeight {
+    kind: Kind,
+    data: Vec<u8>,
+    out: usize,
+    inp: usize,
+}
+
+/// Rows at or below this go through the streaming kernel; above, dequantize + GEMM.
+const SMALL_M: usize = 8;
+
+#[inline(always)]
+fn half(b: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+/// One output: Σ_blocks (weights of `row`) · x, with x's per-block sums `sx` (Q4_1's offset term).
+#[inline(always)]
+fn dot_row(kind: Kind, row: &[u8], x: &[f32], sx: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut extra = 0f32;
+    match kind {
+        Kind::Q4_1 | Kind::Q4_0 => {
+            let bb = kind.block_bytes();
+            for (b, blk) in row.chunks_exact(bb).enumerate() {
+                let d = half(&blk[0..2]);
+                let qs: &[u8; 16] = blk[bb - 16..].try_into().unwrap();
+                let xb: &[f32; 32] = x[b * 32..b * 32 + 32].try_into().unwrap();
+                for j in 0..16 {
+                    acc[j] += d * ((qs[j] & 15) as f32 * xb[j] + (qs[j] >> 4) as f32 * xb[j + 16]);
+                }
+                extra += if kind == Kind::Q4_1 { half(&blk[2..4]) * sx[b] } else { -8.0 * d * sx[b] };
+            }
+        }
+        Kind::Q8_0 => {
+            let mut acc2 = [0f32; 16];
+            for (b, blk) in row.chunks_exact(34).enumerate() {
+                let d = half(&blk[0..2]);
+                let qs: &[u8; 32] = blk[2..34].try_into().unwrap();
+                let xb: &[f32; 32] = x[b * 32..b * 32 + 32].try_into().unwrap();
+                for j in 0..16 {
+                    acc[j] += d * (qs[j] as i8 as f32 * xb[j]);
+                    acc2[j] += d * (qs[j + 16] as i8 as f32 * xb[j + 16]);
+                }
+            }
+            for j in 0..16 {
+                acc[j] += acc2[j];
+            }
+        }
+    }
+    acc.iter().sum::<f32>() + extra
+}
+
+/// y[m][r] for rows r in `rows` (a chunk starting at `r0`), written transposed into `out` [chunk, M].
+/// Always inlined, so that each `target_feature` wrapper below compiles it with its own instruction set.
+#[inline(always)]
+fn chunk_generic(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
+    let rb = w.row_bytes();
+    let nb = w.inp / 32;
+    for (i, o) in out.chunks_exact_mut(m).enumerate() {
+        let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+        for (k, ok) in o.iter_mut().enumerate() {
+            *ok = dot_row(kind, row, &xs[k * w.inp..(k + 1) * w.inp], &sxs[k * nb..(k + 1) * nb]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn chunk_avx512(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
+    chunk_generic(kind, w, r0, out, xs, sxs, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn chunk_avx2(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
+    chunk_generic(kind, w, r0, out, xs, sxs, m)
+}
+
+fn chunk(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        // SAFETY: the CPU has the features each function was compiled for (checked here).
+        if avx2 && has!("avx512f") {
+            return unsafe { chunk_avx512(kind, w, r0, out, xs, sxs, m) };
+        }
+        if avx2 {
+            return unsafe { chunk_avx2(kind, w, r0, out, xs, sxs, m) };
+        }
+    }
+    chunk_generic(kind, w, r0, out, xs, sxs, m)
+}
+
+impl QWeight {
+    /// Our kernels take Q4_0, Q4_1 and Q8_0 on the CPU; anything else stays with Candle's.
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let kind = match q.dtype() {
+            GgmlDType::Q4_0 => Kind::Q4_0,
+            GgmlDType::Q4_1 => Kind::Q4_1,
+            GgmlDType::Q8_0 => Kind::Q8_0,
+            _ => return Ok(None),
+        };
+        if !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (out, inp) = q.shape().dims2()?;
+        let data = q.data()?.into_owned();
+        if inp % 32 != 0 || data.len() != out * inp / 32 * kind.block_bytes() {
+            return Ok(None);
+        }
+        Ok(Some(Self { kind, data, out, inp }))
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.inp / 32 * self.kind.block_bytes()
+    }
+
+    /// The weight as f32 [out, in].
+    pub fn dequantize(&self) -> Vec<f32> {
+        let rb = self.row_bytes();
+        let mut w = vec![0f32; self.out * self.inp];
+        w.par_chunks_mut(self.inp).enumerate().for_each(|(r, dst)| {
+            for (b, blk) in self.data[r * rb..(r + 1) * rb].chunks_exact(self.kind.block_bytes()).enumerate() {
+                let d = half(&blk[0..2]);
+                let o = &mut dst[b * 32..b * 32 + 32];
+                match self.kind {
+                    Kind::Q4_0 | Kind::Q4_1 => {
+                        let m = if self.kind == Kind::Q4_1 { half(&blk[2..4]) } else { -8.0 * d };
+                        let qs = &blk[blk.len() - 16..];
+                        for j in 0..16 {
+                            o[j] = d * (qs[j] & 15) as f32 + m;
+                            o[j + 16] = d * (qs[j] >> 4) as f32 + m;
+                        }
+                    }
+                    Kind::Q8_0 => {
+                        for j in 0..32 {
+                            o[j] = d * blk[2 + j] as i8 as f32;
+                        }
+                    }
+                }
+            }
+        });
+        w
+    }
+
+    /// x [..., in] (f32, CPU) -> [..., out]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().unwrap() = self.out;
+        if m > SMALL_M {
+            let w = Tensor::from_vec(self.dequantize(), (self.out, self.inp), &Device::Cpu)?;
+            return Ok(x.reshape((m, self.inp))?.matmul(&w.t()?)?.reshape(out_dims)?);
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let sxs: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        const ROWS: usize = 32;
+        let mut yt = vec![0f32; self.out * m]; // [out, M]
+        yt.par_chunks_mut(ROWS * m).enumerate().for_each(|(c, o)| chunk(self.kind, self, c * ROWS, o, &xs, &sxs, m));
+        let mut y = vec![0f32; m * self.out];
+        for r in 0..self.out {
+            for k in 0..m {
+                y[k * self.out + r] = yt[r * m + k];
+            }
+        }
+        Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Module;
+
+    /// Our kernels against Candle's dequantize + f32 matmul on the same blocks.
+    #[test]
+    fn kernels_match_dequantized_matmul() {
+        let dev = Device::Cpu;
+        for (dt, m) in [(GgmlDType::Q4_0, 1), (GgmlDType::Q4_1, 1), (GgmlDType::Q8_0, 3), (GgmlDType::Q4_1, 20)] {
+            let w = Tensor::randn(0f32, 1.0, (70, 96), &dev).unwrap();
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let ours = QWeight::from_qtensor(&q).unwrap().unwrap();
+            let deq = q.dequantize(&dev).unwrap();
+            let plain: Vec<f32> = deq.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(ours.dequantize(), plain);
+            let x = Tensor::randn(0f32, 1.0, (m, 96), &dev).unwrap();
+            let want = x.matmul(&deq.t().unwrap()).unwrap();
+            let got = ours.forward(&x).unwrap();
+            let err: f32 = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(err < 1e-3, "{dt:?} m={m}: {err}");
+            // and Candle's own kernel (which also rounds x to 8 bits) is close
+            let theirs = candle_core::quantized::QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+            let e2: f32 = (theirs - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(e2 < 0.5, "{e2}");
+        }
+    }
+}
