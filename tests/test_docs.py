@@ -17,3 +17,14 @@ def test_reference_page_examples_run(monkeypatch, capsys):
         exec(compile(code, f"docs/reference.md: python block {n + 1}", "exec"), namespace)
     assert "4 2" in capsys.readouterr().out
     assert namespace["logits"].shape[0] == len(namespace["ids"])
+
+
+def test_readme_python_example_runs(monkeypatch, capsys):
+    """The README's first python block (the API tour) runs as written, and its claim about the engine holds."""
+    blocks = BLOCK.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md: python block 1", "exec"), namespace)
+    assert "llama 256" in capsys.readouterr().out
+    assert abs(namespace["exact"] - namespace["logits"]).max() < 1e-4
+    assert namespace["c"].usage.completion_tokens == 16
