@@ -82,127 +82,150 @@ fn dot_row(kind: Kind, row: &[u8], x: &[f32], sx: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + extra
 }
 
-/// y[m][r] for rows r in `rows` (a chunk starting at `r0`), written transposed into `out` [chunk, M].
-/// Always inlined, so that each `target_feature` wrapper below compiles it with its own instruction set.
+/// y[m][r] for the rows of a chunk starting at `r0`, written transposed into `out` [chunk, M], with `dot` as the
+/// row kernel. Always inlined, so that each `target_feature` wrapper below compiles it with its instruction set.
 #[inline(always)]
-fn chunk_generic(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
+fn for_rows(w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize, dot: impl Fn(&[u8], &[f32], &[f32]) -> f32) {
     let rb = w.row_bytes();
     let nb = w.inp / 32;
     for (i, o) in out.chunks_exact_mut(m).enumerate() {
         let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
         for (k, ok) in o.iter_mut().enumerate() {
-            *ok = dot_row(kind, row, &xs[k * w.inp..(k + 1) * w.inp], &sxs[k * nb..(k + 1) * nb]);
+            *ok = dot(row, &xs[k * w.inp..(k + 1) * w.inp], &sxs[k * nb..(k + 1) * nb]);
         }
     }
 }
 
-/// AVX2 + FMA: per block, 32 weights widened to f32 in four registers, dotted with x, scaled by d.
+/// f16 -> f32 with the F16C instruction (the caller has checked for it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn half_f16c(b: &[u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let bits = u16::from_le_bytes([b[0], b[1]]) as i32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+/// The 32 weights of a block as four vectors of eight i32.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_ints_avx2(
+    kind: Kind,
+    blk: *const u8,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i, std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    match kind {
+        Kind::Q4_0 | Kind::Q4_1 => {
+            let raw = _mm_loadu_si128(blk.add(kind.block_bytes() - 16) as *const __m128i);
+            let mask = _mm_set1_epi8(15);
+            let lo = _mm_and_si128(raw, mask); // weights 0..16
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask); // weights 16..32
+            (
+                _mm256_cvtepu8_epi32(lo),
+                _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                _mm256_cvtepu8_epi32(hi),
+                _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+            )
+        }
+        Kind::Q8_0 => {
+            let a = _mm_loadu_si128(blk.add(2) as *const __m128i);
+            let c = _mm_loadu_si128(blk.add(18) as *const __m128i);
+            (
+                _mm256_cvtepi8_epi32(a),
+                _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)),
+                _mm256_cvtepi8_epi32(c),
+                _mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)),
+            )
+        }
+    }
+}
+
+/// AVX2 + FMA: each block's weights widened to f32 and scaled by d, multiplied into four independent
+/// accumulators (one FMA chain per quarter block, so the loop is not bound by FMA latency).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_row_avx2(kind: Kind, row: &[u8], x: &[f32], sx: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let bb = kind.block_bytes();
-    let mut acc = _mm256_setzero_ps();
-    let mut extra = 0f32;
-    let mask = _mm_set1_epi8(15);
-    for (b, blk) in row.chunks_exact(bb).enumerate() {
-        let d = half(&blk[0..2]);
+    let nb = row.len() / bb;
+    debug_assert!(x.len() >= nb * 32 && sx.len() >= nb);
+    let (mut a0, mut a1, mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut extra = [0f32; 4];
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * bb);
+        let d = half_f16c(std::slice::from_raw_parts(blk, 2));
+        match kind {
+            Kind::Q4_1 => extra[b & 3] += half_f16c(std::slice::from_raw_parts(blk.add(2), 2)) * sx[b],
+            Kind::Q4_0 => extra[b & 3] -= 8.0 * d * sx[b],
+            Kind::Q8_0 => {}
+        }
+        let dv = _mm256_set1_ps(d);
+        let (q0, q1, q2, q3) = block_ints_avx2(kind, blk);
         let xp = x.as_ptr().add(b * 32);
-        let (x0, x1, x2, x3) =
-            (_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24)));
-        let (q0, q1, q2, q3) = match kind {
-            Kind::Q4_0 | Kind::Q4_1 => {
-                let raw = _mm_loadu_si128(blk.as_ptr().add(bb - 16) as *const __m128i);
-                let lo = _mm_and_si128(raw, mask); // weights 0..16
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask); // weights 16..32
-                extra += if kind == Kind::Q4_1 { half(&blk[2..4]) * sx[b] } else { -8.0 * d * sx[b] };
-                (
-                    _mm256_cvtepu8_epi32(lo),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
-                    _mm256_cvtepu8_epi32(hi),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
-                )
-            }
-            Kind::Q8_0 => {
-                let a = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
-                let c = _mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i);
-                (
-                    _mm256_cvtepi8_epi32(a),
-                    _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)),
-                    _mm256_cvtepi8_epi32(c),
-                    _mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)),
-                )
-            }
-        };
-        let mut t = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), x0);
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), x1, t);
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), x2, t);
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), x3, t);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), t, acc);
+        a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q0), dv), _mm256_loadu_ps(xp), a0);
+        a1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q1), dv), _mm256_loadu_ps(xp.add(8)), a1);
+        a2 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q2), dv), _mm256_loadu_ps(xp.add(16)), a2);
+        a3 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q3), dv), _mm256_loadu_ps(xp.add(24)), a3);
     }
+    let acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + extra
+    _mm_cvtss_f32(s) + (extra[0] + extra[1]) + (extra[2] + extra[3])
 }
 
-/// AVX-512: the same as `dot_row_avx2`, sixteen lanes at a time (two registers per block).
+/// AVX-512: sixteen lanes, four independent accumulators over pairs of blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn dot_row_avx512(kind: Kind, row: &[u8], x: &[f32], sx: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let bb = kind.block_bytes();
-    let mut acc = _mm512_setzero_ps();
-    let mut extra = 0f32;
+    let nb = row.len() / bb;
+    debug_assert!(x.len() >= nb * 32 && sx.len() >= nb);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut extra = [0f32; 4];
     let mask = _mm_set1_epi8(15);
-    for (b, blk) in row.chunks_exact(bb).enumerate() {
-        let d = half(&blk[0..2]);
-        let xp = x.as_ptr().add(b * 32);
-        let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * bb);
+        let d = half_f16c(std::slice::from_raw_parts(blk, 2));
         let (q0, q1) = match kind {
             Kind::Q4_0 | Kind::Q4_1 => {
-                let raw = _mm_loadu_si128(blk.as_ptr().add(bb - 16) as *const __m128i);
-                extra += if kind == Kind::Q4_1 { half(&blk[2..4]) * sx[b] } else { -8.0 * d * sx[b] };
+                if kind == Kind::Q4_1 {
+                    extra[b & 3] += half_f16c(std::slice::from_raw_parts(blk.add(2), 2)) * sx[b];
+                } else {
+                    extra[b & 3] -= 8.0 * d * sx[b];
+                }
+                let raw = _mm_loadu_si128(blk.add(bb - 16) as *const __m128i);
                 (
                     _mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)),
                     _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)),
                 )
             }
             Kind::Q8_0 => (
-                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i)),
-                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i)),
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2) as *const __m128i)),
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18) as *const __m128i)),
             ),
         };
-        let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), x1, _mm512_mul_ps(_mm512_cvtepi32_ps(q0), x0));
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc);
+        let dv = _mm512_set1_ps(d);
+        let xp = x.as_ptr().add(b * 32);
+        let k = (b & 1) * 2;
+        acc[k] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q0), dv), _mm512_loadu_ps(xp), acc[k]);
+        acc[k + 1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q1), dv), _mm512_loadu_ps(xp.add(16)), acc[k + 1]);
     }
-    _mm512_reduce_add_ps(acc) + extra
+    let acc = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(acc) + (extra[0] + extra[1]) + (extra[2] + extra[3])
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn chunk_avx512(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
-    let rb = w.row_bytes();
-    let nb = w.inp / 32;
-    for (i, o) in out.chunks_exact_mut(m).enumerate() {
-        let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
-        for (k, ok) in o.iter_mut().enumerate() {
-            *ok = dot_row_avx512(kind, row, &xs[k * w.inp..(k + 1) * w.inp], &sxs[k * nb..(k + 1) * nb]);
-        }
-    }
+    // SAFETY (both closures): only reached after `chunk` checked the CPU features.
+    for_rows(w, r0, out, xs, sxs, m, |row, x, sx| unsafe { dot_row_avx512(kind, row, x, sx) })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn chunk_avx2(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
-    let rb = w.row_bytes();
-    let nb = w.inp / 32;
-    for (i, o) in out.chunks_exact_mut(m).enumerate() {
-        let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
-        for (k, ok) in o.iter_mut().enumerate() {
-            *ok = dot_row_avx2(kind, row, &xs[k * w.inp..(k + 1) * w.inp], &sxs[k * nb..(k + 1) * nb]);
-        }
-    }
+    for_rows(w, r0, out, xs, sxs, m, |row, x, sx| unsafe { dot_row_avx2(kind, row, x, sx) })
 }
 
 fn chunk(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &[f32], m: usize) {
@@ -218,7 +241,7 @@ fn chunk(kind: Kind, w: &QWeight, r0: usize, out: &mut [f32], xs: &[f32], sxs: &
             return unsafe { chunk_avx2(kind, w, r0, out, xs, sxs, m) };
         }
     }
-    chunk_generic(kind, w, r0, out, xs, sxs, m)
+    for_rows(w, r0, out, xs, sxs, m, |row, x, sx| dot_row(kind, row, x, sx))
 }
 
 impl QWeight {
@@ -285,12 +308,19 @@ impl QWeight {
         }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let sxs: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        const ROWS: usize = 32;
         let mut yt = vec![0f32; self.out * m]; // [out, M]
-        // on Candle's own thread pool, so that decoding does not hand work between two pools on every layer
-        candle_core::utils::with_threadpool(|| {
-            yt.par_chunks_mut(ROWS * m).enumerate().for_each(|(c, o)| chunk(self.kind, self, c * ROWS, o, &xs, &sxs, m))
-        });
+        // One contiguous share of the rows per thread (a few tasks each, so an uneven core still balances); small
+        // matrices stay on the calling thread, where a hand-off would cost more than it saves.
+        let threads = candle_core::utils::get_num_threads().max(1);
+        if threads == 1 || self.data.len() < 64 * 1024 {
+            chunk(self.kind, self, 0, &mut yt, &xs, &sxs, m);
+        } else {
+            let rows = self.out.div_ceil(threads * 2);
+            // on Candle's own thread pool, so that decoding does not hand work between two pools on every layer
+            candle_core::utils::with_threadpool(|| {
+                yt.par_chunks_mut(rows * m).enumerate().for_each(|(c, o)| chunk(self.kind, self, c * rows, o, &xs, &sxs, m))
+            });
+        }
         let mut y = vec![0f32; m * self.out];
         for r in 0..self.out {
             for k in 0..m {
@@ -334,6 +364,38 @@ mod tests {
             let theirs = candle_core::quantized::QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
             let e2: f32 = (theirs - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             assert!(e2 < 0.5, "{e2}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Not a test: `cargo test --release qkernels::speed -- --ignored --nocapture` prints matvec timings.
+    #[test]
+    #[ignore]
+    fn matvec_speed() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (1536, 576), &dev).unwrap();
+        let q = QWeight::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 576), &dev).unwrap();
+        println!("candle threads {}, rayon threads {}", candle_core::utils::get_num_threads(), rayon::current_num_threads());
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let sxs: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        let mut out = vec![0f32; 1536];
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            chunk(Kind::Q4_1, &q, 0, &mut out, &xs, &sxs, 1);
+        }
+        println!("serial, no pool: {:.1} us", t.elapsed().as_secs_f64() * 1e3);
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..1000 {
+                q.forward(&x).unwrap();
+            }
+            let dt = t.elapsed().as_secs_f64() / 1000.0;
+            println!("{:.1} us per matvec, {:.2} GB/s", dt * 1e6, q.data.len() as f64 / dt / 1e9);
         }
     }
 }
