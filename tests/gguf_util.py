@@ -97,3 +97,46 @@ def dequantized_checkpoint(folder: Path, out: Path, qtype: gguf.GGMLQuantization
     save_file({k: (roundtrip(v.astype(np.float32)).astype(np.float32) if v.ndim == 2 else v) for k, v in w.items()},
               out / "model.safetensors")
     return out
+
+
+def write_gpt2_gguf(folder: Path, out: Path) -> Path:
+    """GPT-2 as llama.cpp's converter writes it: Conv1D weights transposed to [out, in], the tied head copied."""
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    w = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    writer = gguf.GGUFWriter(str(out), "gpt2")
+    writer.add_block_count(cfg["n_layer"])
+    writer.add_context_length(cfg["n_positions"])
+    writer.add_embedding_length(cfg["n_embd"])
+    writer.add_feed_forward_length(4 * cfg["n_embd"])
+    writer.add_head_count(cfg["n_head"])
+    writer.add_layer_norm_eps(cfg["layer_norm_epsilon"])
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(cfg["bos_token_id"])
+    writer.add_eos_token_id(cfg["eos_token_id"])
+    f32 = lambda a: np.ascontiguousarray(a.astype(np.float32))
+    writer.add_tensor("token_embd.weight", f32(w["wte.weight"]))
+    writer.add_tensor("position_embd.weight", f32(w["wpe.weight"]))
+    for i in range(cfg["n_layer"]):
+        p = f"h.{i}"
+        for ours, theirs, conv in [("attn_norm", "ln_1", False), ("attn_qkv", "attn.c_attn", True),
+                                   ("attn_output", "attn.c_proj", True), ("ffn_norm", "ln_2", False),
+                                   ("ffn_up", "mlp.c_fc", True), ("ffn_down", "mlp.c_proj", True)]:
+            weight = w[f"{p}.{theirs}.weight"]
+            writer.add_tensor(f"blk.{i}.{ours}.weight", f32(weight.T if conv else weight))
+            writer.add_tensor(f"blk.{i}.{ours}.bias", f32(w[f"{p}.{theirs}.bias"]))
+    writer.add_tensor("output_norm.weight", f32(w["ln_f.weight"]))
+    writer.add_tensor("output_norm.bias", f32(w["ln_f.bias"]))
+    writer.add_tensor("output.weight", f32(w["wte.weight"]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

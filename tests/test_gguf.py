@@ -9,7 +9,7 @@ import pytest
 
 import candlewick as cw
 from conftest import DATA
-from gguf_util import dequantized_checkpoint, write_llama_gguf
+from gguf_util import dequantized_checkpoint, write_gpt2_gguf, write_llama_gguf
 
 LLAMA = DATA / "llama-tiny"
 
@@ -33,6 +33,18 @@ def test_f32_gguf_matches_safetensors(dense_gguf, st_model):
         np.testing.assert_allclose(m.logits(ids), r[f"prompt{i}_logits"], rtol=0, atol=1e-4)
         out = m.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True)
         assert out.choices[0].token_ids == list(r[f"prompt{i}_greedy"])
+
+
+def test_gpt2_gguf_matches_safetensors(tmp_path):
+    m = cw.load(write_gpt2_gguf(DATA / "gpt2-tiny", tmp_path / "gpt2-tiny.gguf"))
+    st = cw.load(DATA / "gpt2-tiny")
+    r = np.load(DATA / "gpt2-tiny" / "reference.npz")
+    assert m.config["architecture"] == "gpt2" and m.tokenizer.eos_token_ids == [50256]
+    for i in range(4):
+        ids = r[f"prompt{i}_ids"]
+        np.testing.assert_allclose(m.logits(ids), st.logits(ids), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(m.logits(ids)[-1], r[f"prompt{i}_logits_last"], rtol=0, atol=1e-4)
+        assert m.tokenizer.encode(m.tokenizer.decode(ids)) == list(ids)
 
 
 def test_gguf_tokenizer_and_template_from_metadata(dense_gguf, st_model, vectors):
@@ -86,7 +98,7 @@ def test_truncated_gguf(dense_gguf, tmp_path, cut):
 
 def test_unsupported_architecture_is_named(tmp_path):
     path = write_llama_gguf(LLAMA, tmp_path / "m.gguf", arch="mamba")
-    with pytest.raises(cw.ModelLoadError, match="mamba.*supported: llama"):
+    with pytest.raises(cw.ModelLoadError, match="mamba.*supported: llama.*gpt2"):
         cw.load(path)
 
 

@@ -20,7 +20,7 @@ pub struct Gguf {
     pub arch: String,
 }
 
-const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2";
+const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2, gpt2";
 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
@@ -112,6 +112,7 @@ impl Gguf {
         let a = self.arch.as_str();
         let arch = match a {
             "llama" | "qwen2" => Arch::Llama,
+            "gpt2" => Arch::Gpt2,
             other => {
                 return Err(Error::load(
                     &self.path,
@@ -140,14 +141,17 @@ impl Gguf {
             head_dim,
             intermediate_size: self.usize(&k("feed_forward_length"))?,
             max_position_embeddings: self.usize(&k("context_length"))?,
-            norm_eps: self.opt_num(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            norm_eps: self
+                .opt_num(&k("attention.layer_norm_rms_epsilon"))
+                .or_else(|| self.opt_num(&k("attention.layer_norm_epsilon")))
+                .unwrap_or(1e-5),
             rope_theta: self.opt_num(&k("rope.freq_base")).unwrap_or(10000.0),
             rope_scaling: match self.opt_num(&k("rope.scale_linear")) {
                 Some(f) if f != 1.0 => RopeScaling::Linear { factor: f },
                 _ => RopeScaling::None,
             },
             tie_word_embeddings: !self.has_tensor("output.weight"),
-            hidden_act: "silu".into(),
+            hidden_act: if arch == Arch::Gpt2 { "gelu_new".into() } else { "silu".into() },
             qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
             o_bias: false,
             mlp_bias: false,

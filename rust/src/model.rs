@@ -84,7 +84,10 @@ impl Model {
         let g = Gguf::open(path)?;
         let cfg = g.config()?;
         let tokenizer = Some(Arc::new(g.tokenizer()?));
-        let net = Net::Llama(Llama::load_gguf(&cfg, &g, device)?);
+        let net = match cfg.arch {
+            Arch::Gpt2 => Net::Gpt2(Gpt2::load_gguf(&cfg, &g, device)?),
+            _ => Net::Llama(Llama::load_gguf(&cfg, &g, device)?),
+        };
         Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype: DType::F32, path: path.to_path_buf() })
     }
 

@@ -6,7 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use super::{embed, merge_heads, split_heads, Cache};
 use crate::config::Config;
 use crate::error::Result;
+use crate::gguf::Gguf;
 use crate::linear::Linear;
+use crate::quantized::Proj;
 use crate::ops;
 use crate::weights::Weights;
 
@@ -17,11 +19,11 @@ struct Norm {
 
 struct Block {
     ln_1: Norm,
-    c_attn: Linear, // [3C, C]
-    attn_c_proj: Linear,
+    c_attn: Proj, // [3C, C]
+    attn_c_proj: Proj,
     ln_2: Norm,
-    c_fc: Linear,
-    mlp_c_proj: Linear,
+    c_fc: Proj,
+    mlp_c_proj: Proj,
 }
 
 pub struct Gpt2 {
@@ -30,7 +32,7 @@ pub struct Gpt2 {
     wpe: Tensor, // [P, C]
     blocks: Vec<Block>,
     ln_f: Norm,
-    lm_head: Linear,
+    lm_head: Proj,
     act: DType,
     approximate_gelu: bool,
 }
@@ -43,9 +45,9 @@ impl Gpt2 {
             Ok(Norm { weight: w.get(&format!("{n}.weight"), &[c], act)?, bias: w.get(&format!("{n}.bias"), &[c], act)? })
         };
         // Conv1D: weight [in, out] in the file, stored here as [out, in].
-        let conv1d = |n: &str, inp: usize, out: usize| -> Result<Linear> {
+        let conv1d = |n: &str, inp: usize, out: usize| -> Result<Proj> {
             let wt = w.get(&format!("{n}.weight"), &[inp, out], dtype)?.t()?.contiguous()?;
-            Linear::new(wt, Some(w.get(&format!("{n}.bias"), &[out], act)?))
+            Ok(Proj::Dense(Linear::new(wt, Some(w.get(&format!("{n}.bias"), &[out], act)?))?))
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -59,11 +61,8 @@ impl Gpt2 {
                 mlp_c_proj: conv1d(&format!("{p}.mlp.c_proj"), f, c)?,
             });
         }
-        let lm_head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-            Linear::new(w.get("lm_head.weight", &[cfg.vocab_size, c], dtype)?, None)?
-        } else {
-            Linear::new(w.get("wte.weight", &[cfg.vocab_size, c], dtype)?, None)?
-        };
+        let head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings { "lm_head.weight" } else { "wte.weight" };
+        let lm_head = Proj::Dense(Linear::new(w.get(head, &[cfg.vocab_size, c], dtype)?, None)?);
         let approximate_gelu = !matches!(cfg.hidden_act.as_str(), "gelu" | "gelu_exact");
         Ok(Self {
             cfg: cfg.clone(),
@@ -74,6 +73,41 @@ impl Gpt2 {
             lm_head,
             act,
             approximate_gelu,
+        })
+    }
+
+    /// From a GGUF file (llama.cpp names: token_embd, position_embd, blk.N.attn_qkv, ...; weights [out, in]).
+    pub fn load_gguf(cfg: &Config, g: &Gguf, device: &Device) -> Result<Self> {
+        let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let norm = |n: &str| -> Result<Norm> {
+            Ok(Norm { weight: g.dense(&format!("{n}.weight"), &[c], device)?, bias: g.dense(&format!("{n}.bias"), &[c], device)? })
+        };
+        let proj = |n: &str, out: usize, inp: usize| -> Result<Proj> {
+            let bias = g.dense(&format!("{n}.bias"), &[out], device)?;
+            Proj::from_qtensor(g.qtensor(&format!("{n}.weight"), &[out, inp], device)?, Some(bias))
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("blk.{i}");
+            blocks.push(Block {
+                ln_1: norm(&format!("{p}.attn_norm"))?,
+                c_attn: proj(&format!("{p}.attn_qkv"), 3 * c, c)?,
+                attn_c_proj: proj(&format!("{p}.attn_output"), c, c)?,
+                ln_2: norm(&format!("{p}.ffn_norm"))?,
+                c_fc: proj(&format!("{p}.ffn_up"), f, c)?,
+                mlp_c_proj: proj(&format!("{p}.ffn_down"), c, f)?,
+            });
+        }
+        let head = if g.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte: g.dense("token_embd.weight", &[cfg.vocab_size, c], device)?,
+            wpe: g.dense("position_embd.weight", &[cfg.max_position_embeddings, c], device)?,
+            blocks,
+            ln_f: norm("output_norm")?,
+            lm_head: Proj::from_qtensor(g.qtensor(head, &[cfg.vocab_size, c], device)?, None)?,
+            act: DType::F32,
+            approximate_gelu: true,
         })
     }
 
