@@ -1,8 +1,10 @@
 //! candlewick: Transformer inference on Candle. The core is plain Rust; `py/` holds the only Python bindings.
 
 pub mod config;
+pub mod cpu_attention;
 pub mod device;
 pub mod error;
+pub mod fastmath;
 pub mod generate;
 pub mod gguf;
 pub mod linear;

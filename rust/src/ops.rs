@@ -80,6 +80,11 @@ pub fn attention(
     }
     let rep = h / hkv;
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    if mask.is_none() {
+        if let Some(y) = crate::cpu_attention::attention(q, k, v, causal, scale)? {
+            return Ok(y); // f32 on CPU: blocked, skipping the keys a causal block cannot see
+        }
+    }
     // The query heads that share a key/value head are adjacent, so [B, H, Tq, D] reads as
     // [B, Hkv, rep·Tq, D]: one matmul per key/value head, without copying k and v rep times.
     let qg = (q.contiguous()? * scale)?.reshape((b, hkv, rep * tq, d))?;
@@ -224,11 +229,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// GELU: x·Φ(x) exactly (`approximate = false`), or the tanh approximation GPT-2 uses (`gelu_new`).
 pub fn gelu(x: &Tensor, approximate: bool) -> Result<Tensor> {
+    if approximate {
+        if let Some(y) = crate::fastmath::activation(x, crate::fastmath::Act::GeluTanh)? {
+            return Ok(y); // f32 on CPU: vectorised
+        }
+    }
     Ok(if approximate { x.gelu()? } else { x.gelu_erf()? })
 }
 
 /// SiLU (swish): x·σ(x).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = crate::fastmath::activation(x, crate::fastmath::Act::Silu)? {
+        return Ok(y); // f32 on CPU: vectorised
+    }
     Ok(x.silu()?)
 }
 

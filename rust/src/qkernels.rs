@@ -309,17 +309,13 @@ impl QWeight {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let sxs: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
         let mut yt = vec![0f32; self.out * m]; // [out, M]
-        // One contiguous share of the rows per thread (a few tasks each, so an uneven core still balances); small
-        // matrices stay on the calling thread, where a hand-off would cost more than it saves.
-        let threads = candle_core::utils::get_num_threads().max(1);
-        if threads == 1 || self.data.len() < 64 * 1024 {
+        // Split the rows between the threads; a matrix too small to be worth a hand-off stays on this thread.
+        let threads = rayon::current_num_threads().max(1);
+        if threads == 1 || self.data.len() < 32 * 1024 {
             chunk(self.kind, self, 0, &mut yt, &xs, &sxs, m);
         } else {
-            let rows = self.out.div_ceil(threads * 2);
-            // on Candle's own thread pool, so that decoding does not hand work between two pools on every layer
-            candle_core::utils::with_threadpool(|| {
-                yt.par_chunks_mut(rows * m).enumerate().for_each(|(c, o)| chunk(self.kind, self, c * rows, o, &xs, &sxs, m))
-            });
+            let rows = self.out.div_ceil(threads * 4);
+            yt.par_chunks_mut(rows * m).enumerate().for_each(|(c, o)| chunk(self.kind, self, c * rows, o, &xs, &sxs, m));
         }
         let mut y = vec![0f32; m * self.out];
         for r in 0..self.out {

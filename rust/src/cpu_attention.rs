@@ -1,0 +1,255 @@
+//! Causal (or full) scaled dot-product attention for f32 on CPU, without an additive mask: per (batch, head, block of
+//! 64 queries) task, scores for only the keys the block can see (a causal block skips the keys after its last
+//! query, which halves the work of a long prefill), a softmax with a vectorised `exp`, and the weighted sum of
+//! values, all in one pass over a block-sized scratch buffer: no [B, H, Tq, Tk] score tensor, no mask tensor, no
+//! copies of k and v (any strides with contiguous rows of D work, e.g. views into a larger cache).
+//!
+//! The general path (`ops::attention` with a mask, other dtypes or devices) stays Candle's.
+
+use candle_core::{DType, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Queries per task.
+const QBLOCK: usize = 64;
+
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Strides (in elements) of a rank-4 [B, H, T, D] view whose rows of D are contiguous, with its start offset.
+fn strides4(l: &Layout) -> Option<([usize; 3], usize)> {
+    let s = l.stride();
+    (s.len() == 4 && (s[3] == 1 || l.dims()[3] == 1)).then(|| ([s[0], s[1], s[2]], l.start_offset()))
+}
+
+/// softmax(q·kᵀ·scale [causal]) · v for q [B, H, Tq, D], k and v [B, Hkv, Tk, D] (shapes already checked by the
+/// caller, H % Hkv == 0, Tq <= Tk when causal); None where this kernel does not apply.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Option<Tensor>> {
+    let all_cpu_f32 = [q, k, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !all_cpu_f32 {
+        return Ok(None);
+    }
+    let (b, h, tq, d) = q.dims4()?;
+    let (_, hkv, tk, _) = k.dims4()?;
+    if k.dims4()? != (b, hkv, tk, d) || v.dims4()? != (b, hkv, tk, d) {
+        return Ok(None);
+    }
+    if b == 0 || h == 0 || tq == 0 || d == 0 || tk == 0 || hkv == 0 || h % hkv != 0 || (causal && tq > tk) {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let (k, v) = match (strides4(k.layout()), strides4(v.layout())) {
+        (Some(_), Some(_)) => (k.clone(), v.clone()),
+        _ => (k.contiguous()?, v.contiguous()?),
+    };
+    let (Some((ks, k0)), Some((vs, v0))) = (strides4(k.layout()), strides4(v.layout())) else { return Ok(None) };
+    let rep = h / hkv;
+    let off = if causal { tk - tq } else { 0 }; // causal: query i sits at position off + i (Tq <= Tk)
+    let scale = scale as f32;
+
+    let mut out = vec![0f32; b * h * tq * d];
+    {
+        let (qg, _) = q.storage_and_layout();
+        let (kg, _) = k.storage_and_layout();
+        let (vg, _) = v.storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else { return Ok(None) };
+        let qd = &qc.as_slice::<f32>()?[q.layout().start_offset()..];
+        let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+        // every element the tasks read must lie inside the storages
+        let last = |s: [usize; 3], o: usize| o + (b - 1) * s[0] + (hkv - 1) * s[1] + (tk - 1) * s[2] + d;
+        if qd.len() < b * h * tq * d || kd.len() < last(ks, k0) || vd.len() < last(vs, v0) {
+            return Ok(None);
+        }
+        let nblk = tq.div_ceil(QBLOCK);
+        let dst = Out(out.as_mut_ptr());
+        let task = |t: usize| {
+            let (bh, blk) = (t / nblk, t % nblk);
+            let (bi, hi) = (bh / h, bh % h);
+            let g = hi / rep;
+            let i0 = blk * QBLOCK;
+            let rows = QBLOCK.min(tq - i0);
+            let kend = if causal { (off + i0 + rows).min(tk) } else { tk };
+            let qp = &qd[(bh * tq + i0) * d..(bh * tq + i0 + rows) * d];
+            let kb = k0 + bi * ks[0] + g * ks[1];
+            let vb = v0 + bi * vs[0] + g * vs[1];
+            // SAFETY: task t alone writes rows i0..i0+rows of head (bi, hi); bounds of k and v were checked above.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((bh * tq + i0) * d), rows * d) };
+            block(qp, rows, d, &kd[kb..], ks[2], &vd[vb..], vs[2], kend, causal.then_some(off + i0), scale, o);
+        };
+        let n_tasks = b * h * nblk;
+        // Decoding (one query per head, short context) is too little work to share out.
+        if n_tasks > 1 && tq * tk * d * b * h >= 1 << 17 {
+            (0..n_tasks).into_par_iter().for_each(task);
+        } else {
+            (0..n_tasks).for_each(task);
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
+}
+
+/// One block of `rows` queries against keys 0..kend: o = softmax(q·kᵀ·scale) · v, row r seeing keys
+/// 0..=first_pos + r when causal (`first_pos` = position of the block's first query).
+#[allow(clippy::too_many_arguments)]
+fn block(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k: &[f32],
+    k_rs: usize,
+    v: &[f32],
+    v_rs: usize,
+    kend: usize,
+    first_pos: Option<usize>,
+    scale: f32,
+    o: &mut [f32],
+) {
+    let mut s = vec![0f32; rows * kend];
+    // S = scale · Q Kᵀ   [rows, kend]
+    // SAFETY: Q is [rows, d] row-major; Kᵀ is [d, kend] read at k[j·k_rs + c] (inside k: checked by the caller);
+    // S is [rows, kend] row-major.
+    unsafe {
+        gemm::gemm(
+            rows,
+            kend,
+            d,
+            s.as_mut_ptr(),
+            1,
+            kend as isize,
+            false,
+            q.as_ptr(),
+            1,
+            d as isize,
+            k.as_ptr(),
+            k_rs as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+    let mut inv = vec![0f32; rows];
+    for (r, row) in s.chunks_exact_mut(kend).enumerate() {
+        let seen = first_pos.map_or(kend, |p| (p + r + 1).min(kend));
+        let (vis, hidden) = row.split_at_mut(seen);
+        hidden.fill(0.0);
+        inv[r] = 1.0 / crate::fastmath::exp_shifted_sum(vis);
+    }
+    // O = P V   [rows, d]
+    // SAFETY: P is S; V is [kend, d] read at v[j·v_rs + c]; O is [rows, d] row-major.
+    unsafe {
+        gemm::gemm(
+            rows,
+            d,
+            kend,
+            o.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            s.as_ptr(),
+            1,
+            kend as isize,
+            v.as_ptr(),
+            1,
+            v_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+    for (row, &f) in o.chunks_exact_mut(d).zip(&inv) {
+        row.iter_mut().for_each(|x| *x *= f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The Candle path of ops::attention (scores, mask, softmax, matmul), as the reference.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Tensor {
+        let (b, h, tq, d) = q.dims4().unwrap();
+        let (_, hkv, tk, _) = k.dims4().unwrap();
+        let rep = h / hkv;
+        let k = k.contiguous().unwrap().repeat_interleave_heads(rep);
+        let v = v.contiguous().unwrap().repeat_interleave_heads(rep);
+        let mut s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if causal {
+            let m = crate::ops::causal_mask(tq, tk, DType::F32, &Device::Cpu).unwrap();
+            s = s.broadcast_add(&m).unwrap();
+        }
+        let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
+        let y = p.matmul(&v).unwrap();
+        assert_eq!(y.dims(), &[b, h, tq, d]);
+        y
+    }
+
+    trait Rep {
+        fn repeat_interleave_heads(&self, rep: usize) -> Tensor;
+    }
+    impl Rep for Tensor {
+        fn repeat_interleave_heads(&self, rep: usize) -> Tensor {
+            let (b, hkv, t, d) = self.dims4().unwrap();
+            self.unsqueeze(2).unwrap().expand((b, hkv, rep, t, d)).unwrap().reshape((b, hkv * rep, t, d)).unwrap()
+        }
+    }
+
+    #[test]
+    fn matches_reference() {
+        let dev = Device::Cpu;
+        // (b, h, hkv, tq, tk, d)
+        for &(b, h, hkv, tq, tk, d) in &[
+            (1, 1, 1, 1, 1, 1),
+            (1, 2, 2, 5, 5, 4),
+            (2, 4, 2, 7, 7, 8),
+            (1, 3, 1, 1, 9, 16),
+            (2, 6, 3, 3, 70, 33),
+            (1, 2, 1, 130, 130, 64),
+            (1, 9, 3, 65, 200, 64),
+            (1, 2, 2, 9, 4, 8), // more queries than keys (not causal)
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, h, tq, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, hkv, tk, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, hkv, tk, d), &dev).unwrap();
+            for causal in [true, false] {
+                if causal && tq > tk {
+                    continue;
+                }
+                let scale = 1.0 / (d as f64).sqrt();
+                let got = attention(&q, &k, &v, causal, scale).unwrap().unwrap();
+                let want = reference(&q, &k, &v, causal, scale);
+                let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(diff < 2e-5, "{:?} causal={causal}: max difference {diff}", (b, h, hkv, tq, tk, d));
+            }
+        }
+    }
+
+    #[test]
+    fn strided_keys_and_values() {
+        // k, v as views of the first Tk positions of a longer buffer (a preallocated cache)
+        let dev = Device::Cpu;
+        let (b, h, tq, tk, cap, d) = (2, 3, 4, 10, 16, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, h, tq, d), &dev).unwrap();
+        let kbuf = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
+        let (k, v) = (kbuf.narrow(2, 0, tk).unwrap(), vbuf.narrow(2, 0, tk).unwrap());
+        assert!(!k.is_contiguous());
+        let got = attention(&q, &k, &v, true, 0.3).unwrap().unwrap();
+        let want = reference(&q, &k, &v, true, 0.3);
+        let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 2e-5, "max difference {diff}");
+    }
+}
