@@ -14,6 +14,22 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def add_bpe_tokenizer(writer: gguf.GGUFWriter, tok: dict, pre: str) -> None:
+    """tokenizer.json's byte-level BPE as tokenizer.ggml.* metadata (special added tokens become CONTROL, type 3)."""
+    tokens = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    for a in tok["added_tokens"]:
+        if a["id"] >= len(tokens):
+            tokens.append(a["content"])
+        else:
+            tokens[a["id"]] = a["content"]
+    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+
+
 def write_llama_gguf(
     folder: Path,
     out: Path,
@@ -36,19 +52,7 @@ def write_llama_gguf(
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     writer.add_rope_dimension_count(cfg["head_dim"])
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
-    for a in tok["added_tokens"]:
-        if a["id"] >= len(tokens):
-            tokens.append(a["content"])
-        else:
-            tokens[a["id"]] = a["content"]
-    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    add_bpe_tokenizer(writer, tok, "gpt2")
     writer.add_bos_token_id(tok["model"]["vocab"].get(tcfg["bos_token"], 0))
     writer.add_eos_token_id(cfg["eos_token_id"])
     writer.add_pad_token_id(cfg["pad_token_id"])
@@ -111,14 +115,7 @@ def write_gpt2_gguf(folder: Path, out: Path) -> Path:
     writer.add_feed_forward_length(4 * cfg["n_embd"])
     writer.add_head_count(cfg["n_head"])
     writer.add_layer_norm_eps(cfg["layer_norm_epsilon"])
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
-    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    add_bpe_tokenizer(writer, tok, "gpt-2")
     writer.add_bos_token_id(cfg["bos_token_id"])
     writer.add_eos_token_id(cfg["eos_token_id"])
     f32 = lambda a: np.ascontiguousarray(a.astype(np.float32))
