@@ -363,35 +363,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    /// Not a test: `cargo test --release qkernels::speed -- --ignored --nocapture` prints matvec timings.
-    #[test]
-    #[ignore]
-    fn matvec_speed() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (1536, 576), &dev).unwrap();
-        let q = QWeight::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap().unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 576), &dev).unwrap();
-        println!("candle threads {}, rayon threads {}", candle_core::utils::get_num_threads(), rayon::current_num_threads());
-        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let sxs: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        let mut out = vec![0f32; 1536];
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
-            chunk(Kind::Q4_1, &q, 0, &mut out, &xs, &sxs, 1);
-        }
-        println!("serial, no pool: {:.1} us", t.elapsed().as_secs_f64() * 1e3);
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            for _ in 0..1000 {
-                q.forward(&x).unwrap();
-            }
-            let dt = t.elapsed().as_secs_f64() / 1000.0;
-            println!("{:.1} us per matvec, {:.2} GB/s", dt * 1e6, q.data.len() as f64 / dt / 1e9);
-        }
-    }
-}
