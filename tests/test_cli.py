@@ -63,7 +63,9 @@ def test_generate_json_n2_seed_and_stdin(llama):
     p = run("generate", DATA / "llama-tiny", "--json", "-n", 2, "--seed", 5, "--max-tokens", 8, "--top-k", 40,
             "--stop", "zzz", input="The cat\n")
     out = json.loads(p.stdout)
-    want = llama.generate("The cat", max_new_tokens=8, n=2, seed=5, top_k=40, stop=["zzz"])
+    # the command's sampling defaults are llama.cpp's: temperature 0.8, top-p 0.95, min-p 0.05 (top-k 40 given)
+    want = llama.generate("The cat", max_new_tokens=8, n=2, seed=5, top_k=40, stop=["zzz"], temperature=0.8,
+                          top_p=0.95, min_p=0.05)
     assert [c["text"] for c in out["choices"]] == [c.text for c in want.choices]
     assert [c["token_ids"] for c in out["choices"]] == [c.token_ids for c in want.choices]
     assert out["usage"] == {"prompt_tokens": want.usage.prompt_tokens,

@@ -436,10 +436,12 @@ def _sampling_options(max_tokens: int | None, max_help: str) -> argparse.Argumen
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=max_tokens,
                    metavar="N", help=max_help)
-    g.add_argument("--temperature", "-t", type=float, default=1.0, help="0 is greedy (default: 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the K likeliest tokens (default: 0, off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
+    # llama.cpp's sampling defaults: a small chat model sampled from its full distribution soon drifts off topic
+    g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the K likeliest tokens (default: 40; 0 is off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95; 1 is off)")
+    g.add_argument("--min-p", type=float, default=0.05,
+                   help="drop tokens below min-p × the top probability (default: 0.05; 0 is off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (default: 1.0, off)")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style (default: 0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style (default: 0)")
