@@ -489,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
-        "chat", parents=[load, _sampling_options(None, "tokens per reply at most (default: until the end of the "
-                                                         "turn or of the context)")],
+        "chat", parents=[load, _sampling_options(512, "tokens per reply at most (default: 512; a reply also ends "
+                                                        "at the end of the turn or of the context)")],
         help="chat with a model (interactive, streaming)", formatter_class=fmt,
         description="Chat with MODEL: each line you type is a user turn; the reply streams back. The whole "
                     "conversation is rendered with the checkpoint's chat template every turn. "
