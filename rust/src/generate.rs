@@ -250,15 +250,11 @@ impl Generation {
             fed.push(token);
         }
         // rows that just finished leave the batch before the next forward pass
-        let keep: Vec<usize> = (0..self.active.len()).filter(|&r| self.seqs[self.active[r]].finish.is_none()).collect();
-        if keep.is_empty() {
-            self.active.clear();
+        let keep = self.drop_finished()?;
+        if self.active.is_empty() {
             return Ok(false);
         }
-        if keep.len() != self.active.len() {
-            let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
-            self.cache = self.cache.select_rows(&rows)?;
-            self.active = keep.iter().map(|&r| self.active[r]).collect();
+        if keep.len() != fed.len() {
             fed = keep.iter().map(|&r| fed[r]).collect();
         }
         self.forward_step(&fed)?;
@@ -303,19 +299,23 @@ impl Generation {
         }
     }
 
-    fn drop_finished(&mut self) -> Result<()> {
+    /// Take finished rows out of the batch (active rows, their cache rows and logits); returns the positions
+    /// (in the old batch) of the rows that stay.
+    fn drop_finished(&mut self) -> Result<Vec<usize>> {
         let keep: Vec<usize> = (0..self.active.len()).filter(|&r| self.seqs[self.active[r]].finish.is_none()).collect();
         if keep.len() != self.active.len() {
             if keep.is_empty() {
                 self.active.clear();
-                return Ok(());
+                self.logits.clear();
+                return Ok(keep);
             }
             let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
             self.cache = self.cache.select_rows(&rows)?;
-            self.logits = keep.iter().map(|&r| self.logits[r].clone()).collect();
+            let mut logits = std::mem::take(&mut self.logits);
+            self.logits = keep.iter().map(|&r| std::mem::take(&mut logits[r])).collect();
             self.active = keep.iter().map(|&r| self.active[r]).collect();
         }
-        Ok(())
+        Ok(keep)
     }
 
     /// Text of row `row` that is safe to show now: never part of a stop string, never half a character.
