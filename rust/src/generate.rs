@@ -211,10 +211,6 @@ impl Generation {
         self.active.is_empty()
     }
 
-    pub fn num_rows(&self) -> usize {
-        self.seqs.len()
-    }
-
     /// Choose one token for every active row, then run the model on them. Returns false once all rows are done.
     pub fn step(&mut self) -> Result<bool> {
         if self.active.is_empty() {

@@ -30,10 +30,9 @@ pub struct Model {
     pub path: PathBuf,
 }
 
-/// A batch of token sequences padded on the right: ids [B, T] and the real lengths.
+/// A batch of token sequences padded on the right: ids [B, T].
 pub struct Batch {
     pub ids: Tensor,
-    pub lens: Vec<usize>,
     pub t: usize,
 }
 
@@ -131,7 +130,7 @@ impl Model {
         }
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0).take(t - s.len()))).collect();
-        Ok(Batch { ids: Tensor::from_vec(flat, (seqs.len(), t), &self.device)?, lens: seqs.iter().map(Vec::len).collect(), t })
+        Ok(Batch { ids: Tensor::from_vec(flat, (seqs.len(), t), &self.device)?, t })
     }
 
     /// Decoder forward: ids [B, T] at `positions` [B, T] -> hidden [B, T, C].
