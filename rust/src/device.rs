@@ -54,3 +54,14 @@ pub fn dtype_name(d: DType) -> &'static str {
         _ => "other",
     }
 }
+
+/// Run `f` on one of rayon's worker threads. A parallel loop started from outside the pool parks the caller and
+/// wakes a worker for every call, and a forward pass makes hundreds of them (several per layer); started from a
+/// worker, each loop only pushes onto that worker's own queue. So a whole forward pass hops into the pool once.
+pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}

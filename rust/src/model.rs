@@ -8,6 +8,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, Config};
+use crate::device::on_workers;
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::models::{bert::Bert, gpt2::Gpt2, llama::Llama, positions, Cache};
@@ -147,19 +148,19 @@ impl Model {
         cache: &mut Cache,
         layers_out: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        match &self.net {
+        on_workers(|| match &self.net {
             Net::Gpt2(m) => m.forward(ids, positions, mask, cache, layers_out),
             Net::Llama(m) => m.forward(ids, positions, mask, cache, layers_out),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
-        }
+        })
     }
 
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        match &self.net {
+        on_workers(|| match &self.net {
             Net::Gpt2(m) => m.lm_head(hidden),
             Net::Llama(m) => m.lm_head(hidden),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): it has no language-model head")),
-        }
+        })
     }
 
     pub fn new_cache(&self) -> Cache {
@@ -272,9 +273,11 @@ impl Model {
         }
         let seqs = self.tokenizer()?.encode_batch(texts, true)?;
         let (ids, mask) = self.pad_with_mask(&seqs)?;
-        let hidden = bert.forward(&ids, &mask)?;
-        let emb = bert.pool(&hidden, &mask)?;
-        Ok((hidden, emb))
+        on_workers(|| {
+            let hidden = bert.forward(&ids, &mask)?;
+            let emb = bert.pool(&hidden, &mask)?;
+            Ok((hidden, emb))
+        })
     }
 
     /// BERT on given ids and attention mask (both [B, T]) -> last_hidden_state [B, T, C].
@@ -282,9 +285,11 @@ impl Model {
         let Net::Bert(bert) = &self.net else {
             return Err(Error::arg("this is a decoder model; use logits()"));
         };
-        let hidden = bert.forward(ids, mask)?;
-        let emb = bert.pool(&hidden, mask)?;
-        Ok((hidden, emb))
+        on_workers(|| {
+            let hidden = bert.forward(ids, mask)?;
+            let emb = bert.pool(&hidden, mask)?;
+            Ok((hidden, emb))
+        })
     }
 
     fn pad_with_mask(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
