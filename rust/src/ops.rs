@@ -245,6 +245,16 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(x.silu()?)
 }
 
+/// SwiGLU on fused gate/up projections: y [..., 2F] -> silu(y[..., :F]) · y[..., F:].
+pub fn swiglu(y: &Tensor) -> Result<Tensor> {
+    if let Some(out) = crate::fastmath::swiglu(y)? {
+        return Ok(out); // f32 on CPU: one vectorised pass
+    }
+    let last = y.rank() - 1;
+    let f = y.dims()[last] / 2;
+    Ok((silu(&y.narrow(last, 0, f)?)? * y.narrow(last, f, f)?)?)
+}
+
 /// The RoPE inverse frequencies θ^(-2i/D), i < D/2, with the config's scaling (linear or llama3), in f64.
 pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f64> {
     let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();

@@ -121,7 +121,8 @@ fn quantize_acts(kind: Kind, x: &[f32]) -> QActs {
         let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (o, &v) in qb.iter_mut().zip(xb) {
-            *o = (v * id).round_ties_even() as i8;
+            // round half to even by the 1.5·2^23 trick (|v·id| <= 127): no libm call, vectorises
+            *o = ((v * id + 12_582_912.0) - 12_582_912.0) as i8;
             sum += *o as i32;
         }
         let dh = f16::from_f32(d).to_f32();
@@ -411,6 +412,31 @@ impl QWeight {
             }
         }
         Self { kind, out, inp, nb, groups, d, m, qs }
+    }
+
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    /// The rows of several weights of one format and input size, in order, as one weight; None when they differ
+    /// or a part other than the last does not fill its last group of rows.
+    pub fn concat(parts: &[&QWeight]) -> Option<QWeight> {
+        let first = parts.first()?;
+        let init = &parts[..parts.len() - 1];
+        if parts.iter().any(|w| w.kind != first.kind || w.inp != first.inp) || init.iter().any(|w| w.out % ROWS != 0) {
+            return None;
+        }
+        let cat = |f: fn(&QWeight) -> &Vec<u16>| parts.iter().flat_map(|w| f(w).iter().copied()).collect::<Vec<u16>>();
+        Some(QWeight {
+            kind: first.kind,
+            out: parts.iter().map(|w| w.out).sum(),
+            inp: first.inp,
+            nb: first.nb,
+            groups: parts.iter().map(|w| w.groups).sum(),
+            d: cat(|w| &w.d),
+            m: cat(|w| &w.m),
+            qs: parts.iter().flat_map(|w| w.qs.iter().copied()).collect(),
+        })
     }
 
     /// The weight as f32 [out, in].

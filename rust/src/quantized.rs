@@ -13,6 +13,9 @@ pub enum Proj {
     Blocks(QWeight, Option<Tensor>),
     /// quantized weight [out, in] (llama.cpp's kernels: Q4_0 ... Q8_0, K-quants), optional f32 bias
     Quant(QMatMul, Option<Tensor>),
+    /// projections of the same input whose weights could not be stored as one matrix (different formats):
+    /// their outputs side by side
+    Split(Vec<Proj>),
 }
 
 impl Proj {
@@ -34,7 +37,57 @@ impl Proj {
                     None => y,
                 })
             }
+            Proj::Split(parts) => {
+                let ys = parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&ys, x.rank() - 1)?)
+            }
         }
+    }
+
+    pub fn out_features(&self) -> usize {
+        match self {
+            Proj::Dense(l) => l.out_features(),
+            Proj::Blocks(w, _) => w.out(),
+            Proj::Quant(q, _) => match q {
+                QMatMul::QTensor(t) => t.shape().dims()[0],
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
+            },
+            Proj::Split(parts) => parts.iter().map(Proj::out_features).sum(),
+        }
+    }
+
+    /// Projections of the same input as one, outputs side by side along the last dimension (q/k/v, gate/up):
+    /// one pass over the input and one parallel region instead of several. Blocks of one format are stored as one
+    /// matrix; anything else runs part by part.
+    pub fn fuse(parts: Vec<Proj>) -> Result<Proj> {
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().unwrap());
+        }
+        let blocks: Vec<(&QWeight, &Option<Tensor>)> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Proj::Blocks(w, b) => Some((w, b)),
+                _ => None,
+            })
+            .collect();
+        if blocks.len() == parts.len() {
+            if let Some(w) = QWeight::concat(&blocks.iter().map(|(w, _)| *w).collect::<Vec<_>>()) {
+                let bias = if blocks.iter().any(|(_, b)| b.is_some()) {
+                    let bs = blocks
+                        .iter()
+                        .map(|(w, b)| match b {
+                            Some(b) => Ok(b.to_dtype(DType::F32)?),
+                            None => Ok(Tensor::zeros(w.out(), DType::F32, &candle_core::Device::Cpu)?),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Some(Tensor::cat(&bs, 0)?)
+                } else {
+                    None
+                };
+                return Ok(Proj::Blocks(w, bias));
+            }
+        }
+        Ok(Proj::Split(parts))
     }
 
     pub fn from_qtensor(q: QTensor, bias: Option<Tensor>) -> Result<Self> {

@@ -14,15 +14,14 @@ use crate::quantized::Proj;
 use crate::weights::Weights;
 
 struct Attention {
-    q_proj: Proj,
-    k_proj: Proj,
-    v_proj: Proj,
+    /// q, k and v projections side by side: [H·D | Hkv·D | Hkv·D] outputs
+    qkv: Proj,
     o_proj: Proj,
 }
 
 struct Mlp {
-    gate_proj: Proj,
-    up_proj: Proj,
+    /// gate and up projections side by side: [F | F] outputs
+    gate_up: Proj,
     down_proj: Proj,
 }
 
@@ -48,8 +47,26 @@ pub struct Llama {
 
 /// A dense projection, or one quantized at load time when `quant` is given.
 fn proj(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, dt: DType, act: DType, quant: Option<GgmlDType>) -> Result<Proj> {
-    let b = if bias { Some(w.get(&format!("{name}.bias"), &[out], act)?) } else { None };
-    let weight = w.get(&format!("{name}.weight"), &[out, inp], dt)?;
+    proj_fused(w, &[(name, out)], inp, bias, dt, act, quant)
+}
+
+/// Projections of the same input stored as one matrix: their weights (and biases) stacked in the order given.
+fn proj_fused(
+    w: &Weights,
+    parts: &[(&str, usize)],
+    inp: usize,
+    bias: bool,
+    dt: DType,
+    act: DType,
+    quant: Option<GgmlDType>,
+) -> Result<Proj> {
+    let cat = |ts: Vec<Tensor>| -> Result<Tensor> { Ok(if ts.len() == 1 { ts[0].clone() } else { Tensor::cat(&ts, 0)? }) };
+    let b = if bias {
+        Some(cat(parts.iter().map(|(n, o)| w.get(&format!("{n}.bias"), &[*o], act)).collect::<Result<_>>()?)?)
+    } else {
+        None
+    };
+    let weight = cat(parts.iter().map(|(n, o)| w.get(&format!("{n}.weight"), &[*o, inp], dt)).collect::<Result<_>>()?)?;
     match quant {
         Some(q) => Proj::quantize(&weight, b, q),
         None => Ok(Proj::Dense(Linear::new(weight, b)?)),
@@ -64,18 +81,20 @@ impl Llama {
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let l = |n: &str, o, inp, bias| proj(w, &format!("{p}.{n}"), o, inp, bias, dtype, act, quant);
+            let fused = |parts: &[(&str, usize)], bias| {
+                let names: Vec<(String, usize)> = parts.iter().map(|(n, o)| (format!("{p}.{n}"), *o)).collect();
+                let names: Vec<(&str, usize)> = names.iter().map(|(n, o)| (n.as_str(), *o)).collect();
+                proj_fused(w, &names, c, bias, dtype, act, quant)
+            };
             layers.push(Block {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[c], act)?,
                 self_attn: Attention {
-                    q_proj: l("self_attn.q_proj", h * d, c, cfg.qkv_bias)?,
-                    k_proj: l("self_attn.k_proj", hkv * d, c, cfg.qkv_bias)?,
-                    v_proj: l("self_attn.v_proj", hkv * d, c, cfg.qkv_bias)?,
+                    qkv: fused(&[("self_attn.q_proj", h * d), ("self_attn.k_proj", hkv * d), ("self_attn.v_proj", hkv * d)], cfg.qkv_bias)?,
                     o_proj: l("self_attn.o_proj", c, h * d, cfg.o_bias)?,
                 },
                 post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[c], act)?,
                 mlp: Mlp {
-                    gate_proj: l("mlp.gate_proj", f, c, cfg.mlp_bias)?,
-                    up_proj: l("mlp.up_proj", f, c, cfg.mlp_bias)?,
+                    gate_up: fused(&[("mlp.gate_proj", f), ("mlp.up_proj", f)], cfg.mlp_bias)?,
                     down_proj: l("mlp.down_proj", c, f, cfg.mlp_bias)?,
                 },
             });
@@ -111,15 +130,19 @@ impl Llama {
             layers.push(Block {
                 input_layernorm: g.dense(&format!("{p}.attn_norm.weight"), &[c], device)?,
                 self_attn: Attention {
-                    q_proj: q(&format!("{p}.attn_q.weight"), h * d, c, cfg.qkv_bias)?,
-                    k_proj: q(&format!("{p}.attn_k.weight"), hkv * d, c, cfg.qkv_bias)?,
-                    v_proj: q(&format!("{p}.attn_v.weight"), hkv * d, c, cfg.qkv_bias)?,
+                    qkv: Proj::fuse(vec![
+                        q(&format!("{p}.attn_q.weight"), h * d, c, cfg.qkv_bias)?,
+                        q(&format!("{p}.attn_k.weight"), hkv * d, c, cfg.qkv_bias)?,
+                        q(&format!("{p}.attn_v.weight"), hkv * d, c, cfg.qkv_bias)?,
+                    ])?,
                     o_proj: q(&format!("{p}.attn_output.weight"), c, h * d, false)?,
                 },
                 post_attention_layernorm: g.dense(&format!("{p}.ffn_norm.weight"), &[c], device)?,
                 mlp: Mlp {
-                    gate_proj: q(&format!("{p}.ffn_gate.weight"), f, c, false)?,
-                    up_proj: q(&format!("{p}.ffn_up.weight"), f, c, false)?,
+                    gate_up: Proj::fuse(vec![
+                        q(&format!("{p}.ffn_gate.weight"), f, c, false)?,
+                        q(&format!("{p}.ffn_up.weight"), f, c, false)?,
+                    ])?,
                     down_proj: q(&format!("{p}.ffn_down.weight"), c, f, false)?,
                 },
             });
@@ -168,16 +191,17 @@ impl Llama {
         for (i, blk) in self.layers.iter().enumerate() {
             let a = &blk.self_attn;
             let hn = ops::rms_norm(&x, &blk.input_layernorm, self.cfg.norm_eps)?;
-            let q = self.rope(&split_heads(&a.q_proj.forward(&hn)?, h, d)?, &cos, &sin)?; // [B, H, T, D]
-            let k = self.rope(&split_heads(&a.k_proj.forward(&hn)?, hkv, d)?, &cos, &sin)?; // [B, Hkv, T, D]
-            let v = split_heads(&a.v_proj.forward(&hn)?, hkv, d)?;
+            let qkv = a.qkv.forward(&hn)?; // [B, T, (H + 2·Hkv)·D]
+            let q = self.rope(&split_heads(&qkv.narrow(2, 0, h * d)?, h, d)?, &cos, &sin)?; // [B, H, T, D]
+            let k = self.rope(&split_heads(&qkv.narrow(2, h * d, hkv * d)?, hkv, d)?, &cos, &sin)?; // [B, Hkv, T, D]
+            let v = split_heads(&qkv.narrow(2, (h + hkv) * d, hkv * d)?, hkv, d)?;
             let (k, v) = cache.append(i, k, v)?;
             let y = ops::attention(&q, &k, &v, mask.is_none(), mask, None)?;
             x = (x + a.o_proj.forward(&merge_heads(&y)?)?)?;
             let hn = ops::rms_norm(&x, &blk.post_attention_layernorm, self.cfg.norm_eps)?;
             let m = &blk.mlp;
-            let g = ops::silu(&m.gate_proj.forward(&hn)?)? * m.up_proj.forward(&hn)?;
-            x = (x + m.down_proj.forward(&g?)?)?;
+            let g = ops::swiglu(&m.gate_up.forward(&hn)?)?; // silu(gate) · up
+            x = (x + m.down_proj.forward(&g)?)?;
             if let Some(out) = layers_out.as_deref_mut() {
                 out.push(x.clone());
             }
