@@ -1,6 +1,7 @@
 //! CPU kernels for llama.cpp's block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), computed as
-//! llama.cpp computes them: the activations are rounded to 8 bits per block of 32 (Q8_0-style, one f16 scale
-//! each) and every block's dot product is an integer sum, scaled once per block. Candle's own kernels have no SIMD
+//! llama.cpp computes them: the activations are rounded to 8 bits (per block of 32 with an f16 scale, or per 256
+//! with an f32 scale for the K-quants, as llama.cpp's Q8_0/Q8_1 and Q8_K) and every block's dot product is an
+//! integer sum, scaled once per block. Candle's own kernels have no SIMD
 //! path for Q4_1 at all, and at batch 1 they leave cores idle; these run every core on its share of the weight
 //! rows, each row streamed once per step.
 //!
@@ -216,10 +217,11 @@ pub struct QWeight {
     qs: Vec<u8>,
 }
 
-/// Activation rows rounded to 8 bits per block of 32: `q` [rows][in], and per block the scale `a` (dx, rounded to
-/// f16) [rows][nb] and two correction terms `c` [rows][nb][2]: the min formats' s = dx·Σ qx (rounded to f16, as
-/// llama.cpp's Q8_1 has it) in c[0]; the offset formats' −offset·dx·Σ qx, over the block in c[0], or over its two
-/// halves in c[0] and c[1] (Q6_K).
+/// Activation rows rounded to 8 bits, as llama.cpp rounds them for each format: per block of 32 with the scale
+/// rounded to f16 (its Q8_0 and Q8_1) for the 32-block formats, per 256 with an f32 scale (its Q8_K) for the
+/// K-quants. `q` [rows][in]; per block of 32 the scale `a` (dx) [rows][nb] and two correction terms `c`
+/// [rows][nb][2]: the min formats' s = dx·Σ qx (rounded to f16 for Q4_1 and Q5_1, as in Q8_1) in c[0]; the offset
+/// formats' −offset·dx·Σ qx, over the block in c[0], or over its two halves in c[0] and c[1] (Q6_K).
 struct QActs {
     q: Vec<i8>,
     a: Vec<f32>,
@@ -229,24 +231,29 @@ struct QActs {
 fn quantize_acts(kind: Kind, x: &[f32]) -> QActs {
     let n = x.len() / 32;
     let (mut q, mut a, mut c) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; 2 * n]);
-    for (i, (xb, qb)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let k_quant = kind.f32_scales();
+    let span = if k_quant { 256 } else { 32 };
+    for (i, (xs, qs)) in x.chunks(span).zip(q.chunks_mut(span)).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        for (o, &v) in qb.iter_mut().zip(xb) {
+        for (o, &v) in qs.iter_mut().zip(xs) {
             // round half to even by the 1.5·2^23 trick (|v·id| <= 127): no libm call, vectorises
             *o = ((v * id + 12_582_912.0) - 12_582_912.0) as i8;
         }
-        let sum = |r: std::ops::Range<usize>| qb[r].iter().map(|&v| v as i32).sum::<i32>() as f32;
-        let dh = f16::from_f32(d).to_f32();
-        a[i] = dh;
-        if kind.has_min() {
-            c[2 * i] = f16::from_f32(d * sum(0..32)).to_f32();
-        } else if kind.halves() {
-            c[2 * i] = -kind.offset() * dh * sum(0..16);
-            c[2 * i + 1] = -kind.offset() * dh * sum(16..32);
-        } else {
-            c[2 * i] = -kind.offset() * dh * sum(0..32);
+        let dx = if k_quant { d } else { f16::from_f32(d).to_f32() };
+        for (j, qb) in qs.chunks_exact(32).enumerate() {
+            let b = i * span / 32 + j;
+            let sum = |r: std::ops::Range<usize>| qb[r].iter().map(|&v| v as i32).sum::<i32>() as f32;
+            a[b] = dx;
+            if kind.has_min() {
+                c[2 * b] = if k_quant { dx * sum(0..32) } else { f16::from_f32(d * sum(0..32)).to_f32() };
+            } else if kind.halves() {
+                c[2 * b] = -kind.offset() * dx * sum(0..16);
+                c[2 * b + 1] = -kind.offset() * dx * sum(16..32);
+            } else {
+                c[2 * b] = -kind.offset() * dx * sum(0..32);
+            }
         }
     }
     QActs { q, a, c }
@@ -810,20 +817,25 @@ mod tests {
         }
     }
 
-    /// The activation rounding is llama.cpp's: scale amax/127 stored as f16, values rounded to nearest.
+    /// The activation rounding is llama.cpp's: scale amax/127 per 32 stored as f16 (Q8_0), or per 256 in f32 for
+    /// the K-quants (Q8_K), values rounded to nearest.
     #[test]
-    fn activations_round_like_q8_0() {
-        let x: Vec<f32> = (0..64).map(|i| ((i as f32) * 0.37).sin() * (1.0 + i as f32)).collect();
-        let qa = quantize_acts(Kind::Q4_0, &x);
-        for b in 0..2 {
-            let xb = &x[b * 32..b * 32 + 32];
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert_eq!(qa.a[b], f16::from_f32(amax / 127.0).to_f32());
-            for j in 0..32 {
-                let back = qa.q[b * 32 + j] as f32 * amax / 127.0;
-                assert!((back - xb[j]).abs() <= amax / 254.0 + 1e-6);
+    fn activations_round_like_llama_cpp() {
+        let x: Vec<f32> = (0..512).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 97) as f32)).collect();
+        for (kind, span) in [(Kind::Q4_0, 32), (Kind::Q6K, 256)] {
+            let qa = quantize_acts(kind, &x);
+            for (s, xs) in x.chunks(span).enumerate() {
+                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let want = if span == 32 { f16::from_f32(amax / 127.0).to_f32() } else { amax / 127.0 };
+                for b in s * span / 32..(s + 1) * span / 32 {
+                    assert_eq!(qa.a[b], want, "{kind:?} block {b}");
+                }
+                for (j, &v) in xs.iter().enumerate() {
+                    let back = qa.q[s * span + j] as f32 * amax / 127.0;
+                    assert!((back - v).abs() <= amax / 254.0 + 1e-5);
+                }
+                assert!(qa.q[s * span..(s + 1) * span].iter().any(|&v| v.abs() == 127));
             }
-            assert!(qa.q[b * 32..b * 32 + 32].iter().any(|&v| v.abs() == 127));
         }
     }
 }
