@@ -80,15 +80,22 @@ def test_minilm_hidden_states_and_embeddings():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", DECODERS)
 def test_half_precision_close_to_float32(models, name, dtype):
-    """Relative error ‖half − f32‖₂ / ‖f32‖₂ of each prompt's logits within 2e-2 (bf16 keeps 8 mantissa bits)."""
+    """Relative error ‖half − f32‖₂ / ‖f32‖₂ of each prompt's logits within 2e-2 (bf16 keeps 8 mantissa bits, and
+    its matmuls round their activations to bf16 too), and the same next token wherever float32's best logit leads
+    the runner-up by more than 0.3 (the largest single-logit error measured on these std-0.3 fixtures is 0.23)."""
     m = cw.load(DATA / name, dtype=dtype)
     assert m.config["dtype"] == dtype
+    clear = 0
     for i in range(4):
         ids = ref(name)[f"prompt{i}_ids"]
         full = models[name].logits(ids)
         half = m.logits(ids)
         assert np.linalg.norm(half - full) <= 2e-2 * np.linalg.norm(full)
-        assert np.argmax(half[-1]) == np.argmax(full[-1]) or name != "gpt2-tiny"
+        top2 = np.sort(full, axis=-1)[:, -2:]
+        lead = top2[:, 1] - top2[:, 0] > 0.3
+        assert (half.argmax(-1) == full.argmax(-1))[lead].all()
+        clear += lead.sum()
+    assert clear >= 20  # the check covers many positions, not a handful
 
 
 # ---- the engine against itself ----------------------------------------------------------------------------------
