@@ -21,7 +21,7 @@ import candlewick as cw
 from candlewick.default_model import smollm2_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_gguf_golden import CHATS, N_NEW, RAW_PROMPTS, TOP  # noqa: E402
+from make_gguf_golden import CHATS, N_NEW, RAW_PROMPTS, greedy  # noqa: E402
 
 
 def requantize(src: Path, dst: Path, ftype: str) -> Path:
@@ -50,16 +50,7 @@ def main() -> None:
         print(f"{path.name}: {N_NEW} greedy tokens per prompt\n")
         print("| prompt | argmax agreement | identical prefix | top-10 logit deviation: mean | max |\n|---|---:|---:|---:|---:|")
         for kind, text in prompts:
-            ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            llm.reset()
-            llm.eval(ids)
-            new, top = [], []
-            for _ in range(N_NEW):
-                logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-                order = np.argsort(-logits, kind="stable")[:TOP]
-                top.append((order, logits[order]))
-                new.append(int(order[0]))
-                llm.eval([new[-1]])
+            ids, new, top = greedy(llm, text)
             ours = model.logits(ids + new)[len(ids) - 1 : -1]
             agree = np.mean(ours.argmax(-1) == np.array(new))
             devs = np.array([np.abs(ours[k][o] - v) for k, (o, v) in enumerate(top)])

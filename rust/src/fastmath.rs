@@ -143,60 +143,56 @@ fn exp_shifted_sum_generic(x: &mut [f32]) -> f32 {
     sum
 }
 
-/// The activation of a tensor: the vectorised kernels for f32 on CPU, None otherwise (the caller falls back).
-pub fn activation(x: &Tensor, a: Act) -> Result<Option<Tensor>> {
+/// `f` on the data of an f32 CPU tensor (made contiguous), None for other dtypes and devices.
+fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let out = {
-        let (storage, layout) = x.storage_and_layout();
-        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-            return Ok(None);
-        };
-        let src = &cpu.as_slice::<f32>()?[start..end];
+    let (storage, layout) = x.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    Ok(Some(f(&cpu.as_slice::<f32>()?[start..end])))
+}
+
+/// Elements per parallel task, and the least work worth splitting.
+const CHUNK: usize = 16 * 1024;
+
+/// The activation of a tensor: the vectorised kernels for f32 on CPU, None otherwise (the caller falls back).
+pub fn activation(x: &Tensor, a: Act) -> Result<Option<Tensor>> {
+    let out = with_cpu_f32(x, |src| {
         let mut out = vec![0f32; src.len()];
-        const CHUNK: usize = 16 * 1024;
         if src.len() >= 4 * CHUNK {
             out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| apply(a, s, d));
         } else {
             apply(a, src, &mut out);
         }
         out
-    };
-    Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+    })?;
+    out.map(|o| Ok(Tensor::from_vec(o, x.shape(), x.device())?)).transpose()
 }
 
 /// y [..., 2F] (gate then up) -> silu(gate)·up [..., F]: the vectorised kernel for f32 on CPU, None otherwise.
 pub fn swiglu(y: &Tensor) -> Result<Option<Tensor>> {
-    if !y.device().is_cpu() || y.dtype() != DType::F32 || y.rank() == 0 || y.dims()[y.rank() - 1] % 2 != 0 {
+    let Some(&last) = y.dims().last() else { return Ok(None) };
+    if last == 0 || last % 2 != 0 {
         return Ok(None);
     }
-    let f = y.dims()[y.rank() - 1] / 2;
+    let f = last / 2;
     let mut shape = y.dims().to_vec();
     *shape.last_mut().unwrap() = f;
-    if f == 0 {
-        return Ok(None);
-    }
-    let y = y.contiguous()?;
-    let out = {
-        let (storage, layout) = y.storage_and_layout();
-        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-            return Ok(None);
-        };
-        let src = &cpu.as_slice::<f32>()?[start..end];
+    let out = with_cpu_f32(y, |src| {
         let mut out = vec![0f32; src.len() / 2];
-        let rows_per_task = (16 * 1024 / f).max(1);
-        if out.len() >= 4 * 16 * 1024 {
-            out.par_chunks_mut(rows_per_task * f)
-                .zip(src.par_chunks(rows_per_task * 2 * f))
-                .for_each(|(d, s)| silu_mul(s, d, f));
+        let rows_per_task = (CHUNK / f).max(1);
+        if out.len() >= 4 * CHUNK {
+            out.par_chunks_mut(rows_per_task * f).zip(src.par_chunks(rows_per_task * 2 * f)).for_each(|(d, s)| silu_mul(s, d, f));
         } else {
             silu_mul(src, &mut out, f);
         }
         out
-    };
-    Ok(Some(Tensor::from_vec(out, shape, y.device())?))
+    })?;
+    out.map(|o| Ok(Tensor::from_vec(o, shape, y.device())?)).transpose()
 }
 
 #[cfg(test)]
