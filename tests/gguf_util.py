@@ -30,13 +30,24 @@ def add_bpe_tokenizer(writer: gguf.GGUFWriter, tok: dict, pre: str) -> None:
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
 
 
+def add_spm_tokenizer(writer: gguf.GGUFWriter, spm: dict) -> None:
+    """A SentencePiece vocabulary (pieces, scores, llama.cpp token types) as tokenizer.ggml.* metadata."""
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(spm["tokens"])
+    writer.add_token_scores(spm["scores"])
+    writer.add_token_types(spm["types"])
+    writer.add_unk_token_id(spm["unk_token_id"])
+
+
 def write_llama_gguf(
     folder: Path,
     out: Path,
     qtype: gguf.GGMLQuantizationType | None = None,
     arch: str = "llama",
     quantize_embeddings: bool = True,
+    spm: dict | None = None,
 ) -> Path:
+    """`spm`: a SentencePiece vocabulary (as in tests/data/spm-llamacpp.json) instead of the folder's tokenizer."""
     cfg = json.loads((folder / "config.json").read_text())
     tok = json.loads((folder / "tokenizer.json").read_text())
     tcfg = json.loads((folder / "tokenizer_config.json").read_text())
@@ -52,9 +63,14 @@ def write_llama_gguf(
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     writer.add_rope_dimension_count(cfg["head_dim"])
-    add_bpe_tokenizer(writer, tok, "gpt2")
-    writer.add_bos_token_id(tok["model"]["vocab"].get(tcfg["bos_token"], 0))
-    writer.add_eos_token_id(cfg["eos_token_id"])
+    if spm is None:
+        add_bpe_tokenizer(writer, tok, "gpt2")
+        writer.add_bos_token_id(tok["model"]["vocab"].get(tcfg["bos_token"], 0))
+        writer.add_eos_token_id(cfg["eos_token_id"])
+    else:
+        add_spm_tokenizer(writer, spm)
+        writer.add_bos_token_id(spm["bos_token_id"])
+        writer.add_eos_token_id(spm["eos_token_id"])
     writer.add_pad_token_id(cfg["pad_token_id"])
     writer.add_add_bos_token(True)
     writer.add_chat_template(tcfg["chat_template"])

@@ -107,3 +107,35 @@ def test_not_a_gguf(tmp_path):
     p.write_bytes(b"GGML" + b"\0" * 100)
     with pytest.raises(cw.ModelLoadError, match="x.gguf"):
         cw.load(p)
+
+
+SPM = json.loads((DATA / "spm-llamacpp.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """llama-tiny's weights with a SentencePiece vocabulary (tokenizer.ggml.model "llama", as Llama 2, Mistral and
+    TinyLlama files have) of the same size."""
+    return cw.load(write_llama_gguf(DATA / "llama-tiny", tmp_path_factory.mktemp("spm") / "spm.gguf", spm=SPM))
+
+
+def test_sentencepiece_tokenizer_matches_llama_cpp(spm_model):
+    """tests/data/spm-llamacpp.json (scripts/make_spm_golden.py): llama.cpp's tokens for 234 texts, including special
+    tokens in the text, runs of spaces, tabs, newlines and characters only byte fallback can spell."""
+    tok = spm_model.tokenizer
+    assert len(SPM["tokenize"]) == 234
+    for case in SPM["tokenize"]:
+        assert tok.encode(case["text"], add_special_tokens=False) == case["ids"], case["text"]
+    assert tok.encode(SPM["with_bos"]["text"]) == SPM["with_bos"]["ids"]
+    assert tok.bos_token_id == 1 and tok.eos_token_ids == [2]
+
+
+def test_sentencepiece_decoding(spm_model):
+    """Decoding gives the text back: llama.cpp's own detokenisation keeps the space SentencePiece puts in front,
+    transformers' Llama tokenizers (and ours) drop it."""
+    tok = spm_model.tokenizer
+    for case in SPM["tokenize"]:
+        text = tok.decode(case["ids"], skip_special_tokens=False)
+        assert " " + text == case["detokenized"] or "<s>" in case["text"] or not case["ids"], case["text"]
+        if "<s>" not in case["text"]:
+            assert text == case["text"]

@@ -161,13 +161,17 @@ impl Gguf {
         })
     }
 
-    /// The tokenizer described by tokenizer.ggml.* (byte-level BPE), as a Hugging Face tokenizer pipeline.
+    /// The tokenizer described by tokenizer.ggml.* (byte-level BPE, or SentencePiece BPE), as a Hugging Face
+    /// tokenizer pipeline.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let model = self.str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(Error::load(
                 &self.path,
-                format!("tokenizer.ggml.model {model:?} is not supported (supported: \"gpt2\", byte-level BPE)"),
+                format!(
+                    "tokenizer.ggml.model {model:?} is not supported (supported: \"gpt2\", byte-level BPE; \"llama\", \
+                     SentencePiece BPE)"
+                ),
             ));
         }
         let strings = |key: &str| -> Result<Vec<String>> {
@@ -180,29 +184,43 @@ impl Gguf {
             }
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match self.content.metadata.get("tokenizer.ggml.token_type") {
             Some(Value::Array(v)) => v.iter().map(|x| x.to_i32().map(i64::from).unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let pre = self.content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
-        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
-        // llama.cpp's pre-tokenizer types, as the equivalent tokenizers pipeline
-        let pre_tokenizer = match pre.as_str() {
-            "" | "default" | "gpt2" | "gpt-2" => byte_level(true),
-            "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
-            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
-            other => {
-                return Err(Error::load(
-                    &self.path,
-                    format!("tokenizer.ggml.pre {other:?} is not supported (supported: gpt2, smollm, llama-bpe, qwen2)"),
-                ))
-            }
-        };
         let vocab: serde_json::Map<String, serde_json::Value> =
             tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let id = |key: &str| self.opt_num(key).map(|x| x as usize).filter(|&i| i < tokens.len());
+        let (normalizer, pre_tokenizer, decoder, bpe) = if model == "llama" {
+            let scores: Vec<f64> = match self.get("tokenizer.ggml.scores")? {
+                Value::Array(v) => v.iter().map(|x| x.to_f32().map(f64::from).unwrap_or(0.0)).collect(),
+                _ => return Err(Error::load(&self.path, "metadata \"tokenizer.ggml.scores\" is not an array")),
+            };
+            if scores.len() != tokens.len() {
+                return Err(Error::load(&self.path, format!("{} token scores for {} tokens", scores.len(), tokens.len())));
+            }
+            // SentencePiece BPE as transformers' LlamaTokenizerFast has it: spaces as ▁ with one in front of
+            // every piece of text, merges ranked by the score of the piece they make, unknown characters as
+            // <0xXX> byte tokens
+            let unk = id("tokenizer.ggml.unknown_token_id").map(|i| tokens[i].clone());
+            (
+                json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"},
+                       {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]}),
+                serde_json::Value::Null,
+                json!({"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                       {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}),
+                json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                       "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                       "vocab": vocab, "merges": spm_merges(&tokens, &scores)}),
+            )
+        } else {
+            let pre = self.content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+            (serde_json::Value::Null, self.bpe_pre_tokenizer(&pre)?, json!({"type": "ByteLevel", "add_prefix_space": true,
+                "trim_offsets": true, "use_regex": true}),
+             json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                    "vocab": vocab, "merges": strings("tokenizer.ggml.merges")?}))
+        };
         // token types: 3 = control (special), 4 = user-defined (added, not special)
         let added: Vec<serde_json::Value> = types
             .iter()
@@ -213,7 +231,6 @@ impl Gguf {
                        "normalized": false, "special": t == 3})
             })
             .collect();
-        let id = |key: &str| self.opt_num(key).map(|x| x as usize).filter(|&i| i < tokens.len());
         let add_bos = self.content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
         let post = match (add_bos, id("tokenizer.ggml.bos_token_id")) {
             (true, Some(b)) => json!({"type": "TemplateProcessing",
@@ -227,13 +244,11 @@ impl Gguf {
             "version": "1.0",
             "truncation": null, "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": post,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
+            "decoder": decoder,
+            "model": bpe,
         });
         let inner: tokenizers::Tokenizer = spec
             .to_string()
@@ -263,6 +278,44 @@ impl Gguf {
         let template = self.content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
         Tokenizer::new(inner, self.path.clone(), Some(&json!(tok_config)), Some(&config), gen.as_ref(), template)
     }
+
+    /// llama.cpp's pre-tokenizer type (tokenizer.ggml.pre) as the equivalent tokenizers pipeline.
+    fn bpe_pre_tokenizer(&self, pre: &str) -> Result<serde_json::Value> {
+        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+        Ok(match pre {
+            "" | "default" | "gpt2" | "gpt-2" => byte_level(true),
+            "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
+            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
+            other => {
+                return Err(Error::load(
+                    &self.path,
+                    format!("tokenizer.ggml.pre {other:?} is not supported (supported: gpt2, smollm, llama-bpe, qwen2)"),
+                ))
+            }
+        })
+    }
+}
+
+/// BPE merges for a SentencePiece vocabulary, as transformers derives them for Llama tokenizers: every split of a
+/// piece into two pieces of the vocabulary is a merge, ranked by the score of the piece it makes (highest first;
+/// splits of one piece in the order of their halves' ids).
+fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(f64, usize, usize)> = Vec::new();
+    for (t, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(usize, usize)> = t
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*index.get(&t[..at])?, *index.get(&t[at..])?)))
+            .collect();
+        local.sort();
+        merges.extend(local.into_iter().map(|(l, r)| (score, l, r)));
+    }
+    // a stable sort, highest score first, as Python's sorted(..., reverse=True) leaves equal scores in order
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    merges.into_iter().map(|(_, l, r)| (tokens[l].clone(), tokens[r].clone())).collect()
 }
 
 fn first_line(e: &candle_core::Error) -> String {
