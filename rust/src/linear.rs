@@ -139,6 +139,10 @@ impl Linear {
         })
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub fn out_features(&self) -> usize {
         self.out_features
     }

@@ -87,12 +87,48 @@ impl Proj {
                 return Ok(Proj::Blocks(w, bias));
             }
         }
+        let dense: Vec<&Linear> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Proj::Dense(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        if dense.len() == parts.len() && dense.iter().all(|l| l.weight().dtype() == dense[0].weight().dtype()) {
+            let w = Tensor::cat(&dense.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+            let bias = if dense.iter().any(|l| l.bias().is_some()) {
+                let bs = dense
+                    .iter()
+                    .map(|l| match l.bias() {
+                        Some(b) => Ok(b.to_dtype(DType::F32)?),
+                        None => Ok(Tensor::zeros(l.out_features(), DType::F32, w.device())?),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&bs, 0)?)
+            } else {
+                None
+            };
+            return Ok(Proj::Dense(Linear::new(w, bias)?));
+        }
         Ok(Proj::Split(parts))
     }
 
     pub fn from_qtensor(q: QTensor, bias: Option<Tensor>) -> Result<Self> {
         if let Some(w) = QWeight::from_qtensor(&q)? {
             return Ok(Proj::Blocks(w, bias));
+        }
+        // unquantized F32/F16/BF16 tensors on the CPU: the dense kernels (threaded matrix-vector products, GEMM
+        // for prefill, the weight kept at its width); Candle's matmul would run one thread at batch 1
+        let dense = match q.dtype() {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        if let (Some(dt), true) = (dense, q.device().is_cpu()) {
+            // exact: widening to f32 and back to the file's width
+            let w = q.dequantize(&candle_core::Device::Cpu)?.to_dtype(dt)?;
+            return Ok(Proj::Dense(Linear::new(w, bias)?));
         }
         Ok(Proj::Quant(QMatMul::from_qtensor(q)?, bias))
     }
