@@ -163,9 +163,20 @@ impl Isa {
         v
     }
 
+    /// The best kernel this CPU runs, or the one `CANDLEWICK_ISA` (scalar, avx2, avx512) names if the CPU has it:
+    /// for comparing the kernels on one machine.
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| *Isa::available().last().unwrap())
+        *BEST.get_or_init(|| {
+            let available = Isa::available();
+            let asked = match std::env::var("CANDLEWICK_ISA").unwrap_or_default().to_ascii_lowercase().as_str() {
+                "scalar" => Some(Isa::Scalar),
+                "avx2" => Some(Isa::Avx2),
+                "avx512" => Some(Isa::Avx512Vnni),
+                _ => None,
+            };
+            asked.filter(|a| available.contains(a)).unwrap_or(*available.last().unwrap())
+        })
     }
 }
 
