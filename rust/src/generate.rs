@@ -172,8 +172,8 @@ impl Generation {
             let mut cache = model.new_cache();
             let ids = Tensor::new(p.as_slice(), &model.device)?.unsqueeze(0)?;
             let pos = crate::models::positions(1, p.len(), 0, &model.device)?;
-            let hidden = model.forward(&ids, &pos, None, &mut cache)?;
-            let last = model.lm_head(&hidden.narrow(1, p.len() - 1, 1)?)?.flatten_all()?.to_vec1::<f32>()?;
+            let hidden = model.forward_last(&ids, &pos, None, &mut cache)?; // [1, 1, C]
+            let last = model.lm_head(&hidden)?.flatten_all()?.to_vec1::<f32>()?;
             for c in 0..params.n {
                 seqs.push(Seq {
                     prompt: pi,

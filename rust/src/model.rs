@@ -148,9 +148,27 @@ impl Model {
         cache: &mut Cache,
         layers_out: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
+        self.run_net(ids, positions, mask, cache, layers_out, false)
+    }
+
+    /// `forward` for when only the last position matters (a prompt before generation): hidden [B, 1, C], and the
+    /// cache filled for every position. The last block skips the work the other positions would need.
+    pub fn forward_last(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
+        self.run_net(ids, positions, mask, cache, None, true)
+    }
+
+    fn run_net(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+        layers_out: Option<&mut Vec<Tensor>>,
+        last_only: bool,
+    ) -> Result<Tensor> {
         on_workers(|| match &self.net {
-            Net::Gpt2(m) => m.forward(ids, positions, mask, cache, layers_out),
-            Net::Llama(m) => m.forward(ids, positions, mask, cache, layers_out),
+            Net::Gpt2(m) => m.forward(ids, positions, mask, cache, layers_out, last_only),
+            Net::Llama(m) => m.forward(ids, positions, mask, cache, layers_out, last_only),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
         })
     }

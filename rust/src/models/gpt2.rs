@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{embed, merge_heads, split_heads, Cache};
+use super::{embed, last_rows, merge_heads, split_heads, Cache};
 use crate::config::Config;
 use crate::error::Result;
 use crate::gguf::Gguf;
@@ -119,18 +119,25 @@ impl Gpt2 {
         mask: Option<&Tensor>,
         cache: &mut Cache,
         mut layers_out: Option<&mut Vec<Tensor>>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let (h, c) = (self.cfg.num_heads, self.cfg.hidden_size);
+        let t = ids.dims2()?.1;
         let d = c / h;
         let mut x = (embed(&self.wte, ids)? + embed(&self.wpe, positions)?)?; // [B, T, C]
         for (i, blk) in self.blocks.iter().enumerate() {
+            let last = last_only && i + 1 == self.blocks.len();
             let hn = ops::layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, self.cfg.norm_eps)?;
             let qkv = blk.c_attn.forward(&hn)?; // [B, T, 3C]
             let q = split_heads(&qkv.narrow(2, 0, c)?, h, d)?;
             let k = split_heads(&qkv.narrow(2, c, c)?, h, d)?;
             let v = split_heads(&qkv.narrow(2, 2 * c, c)?, h, d)?;
             let (k, v) = cache.append(i, k, v)?;
-            let y = ops::attention(&q, &k, &v, mask.is_none(), mask, None)?;
+            let (q, mask_q) = last_rows(last, t, q, mask)?;
+            let y = ops::attention(&q, &k, &v, mask.is_none(), mask_q.as_ref(), None)?;
+            if last {
+                x = x.narrow(1, t - 1, 1)?;
+            }
             x = (x + blk.attn_c_proj.forward(&merge_heads(&y)?)?)?;
             let hn = ops::layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, self.cfg.norm_eps)?;
             let m = ops::gelu(&blk.c_fc.forward(&hn)?, self.approximate_gelu)?;

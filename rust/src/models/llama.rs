@@ -4,7 +4,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
-use super::{embed, merge_heads, split_heads, Cache};
+use super::{embed, last_rows, merge_heads, split_heads, Cache};
 use crate::config::Config;
 use crate::error::Result;
 use crate::gguf::Gguf;
@@ -173,6 +173,9 @@ impl Llama {
 
     /// ids [B, T], positions [B, T] -> final hidden states [B, T, C]. `mask` (additive, [B, 1, T, Tcache+T])
     /// replaces the causal mask when given (ragged batches); `cache` receives this step's keys and values.
+    /// `last_only`: only the last position's hidden state is wanted ([B, 1, C]), so the last block computes its
+    /// keys and values for every position (the cache needs them) but attention, output projection and MLP for
+    /// the last position alone, as llama.cpp does.
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -180,6 +183,7 @@ impl Llama {
         mask: Option<&Tensor>,
         cache: &mut Cache,
         mut layers_out: Option<&mut Vec<Tensor>>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (h, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
@@ -189,6 +193,7 @@ impl Llama {
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, half))?;
         let mut x = embed(&self.embed_tokens, ids)?; // [B, T, C]
         for (i, blk) in self.layers.iter().enumerate() {
+            let last = last_only && i + 1 == self.layers.len();
             let a = &blk.self_attn;
             let hn = ops::rms_norm(&x, &blk.input_layernorm, self.cfg.norm_eps)?;
             let qkv = a.qkv.forward(&hn)?; // [B, T, (H + 2·Hkv)·D]
@@ -196,7 +201,11 @@ impl Llama {
             let k = self.rope(&split_heads(&qkv.narrow(2, h * d, hkv * d)?, hkv, d)?, &cos, &sin)?; // [B, Hkv, T, D]
             let v = split_heads(&qkv.narrow(2, (h + hkv) * d, hkv * d)?, hkv, d)?;
             let (k, v) = cache.append(i, k, v)?;
-            let y = ops::attention(&q, &k, &v, mask.is_none(), mask, None)?;
+            let (q, mask_q) = last_rows(last, t, q, mask)?;
+            let y = ops::attention(&q, &k, &v, mask.is_none(), mask_q.as_ref(), None)?;
+            if last {
+                x = x.narrow(1, t - 1, 1)?;
+            }
             x = (x + a.o_proj.forward(&merge_heads(&y)?)?)?;
             let hn = ops::rms_norm(&x, &blk.post_attention_layernorm, self.cfg.norm_eps)?;
             let m = &blk.mlp;

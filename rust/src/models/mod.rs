@@ -111,6 +111,15 @@ pub fn split_heads(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
     Ok(x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
 }
 
+/// The queries [B, H, T, D] (and the rows of an additive mask [B, 1, T, Tk]) a block needs: all of them, or with
+/// `last`, those of the last position only.
+pub fn last_rows(last: bool, t: usize, q: Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    if !last || t == 1 {
+        return Ok((q, mask.cloned()));
+    }
+    Ok((q.narrow(2, t - 1, 1)?, mask.map(|m| m.narrow(2, t - 1, 1)).transpose()?))
+}
+
 /// Merge heads [B, H, T, D] back into [B, T, H·D].
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;

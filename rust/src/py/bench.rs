@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 use pyo3::prelude::*;
 
 use super::model::PyModel;
@@ -28,8 +28,8 @@ fn prefill(m: &Model, ids: &[u32]) -> crate::Result<(crate::models::Cache, Tenso
     let t = ids.len();
     let x = Tensor::from_vec(ids.to_vec(), (1, t), &m.device)?;
     let pos = positions(1, t, 0, &m.device)?;
-    let hidden = m.forward(&x, &pos, None, &mut cache)?; // [1, T, C]
-    let logits = m.lm_head(&hidden.i((.., t - 1..t, ..))?)?.squeeze(1)?; // [1, V]
+    let hidden = m.forward_last(&x, &pos, None, &mut cache)?; // [1, 1, C]
+    let logits = m.lm_head(&hidden)?.squeeze(1)?; // [1, V]
     Ok((cache, logits))
 }
 
