@@ -85,7 +85,8 @@ impl Cache {
         for (i, l) in self.layers.iter().enumerate() {
             if let Some((k, v)) = l {
                 let idx = Tensor::new(rows, k.device())?;
-                out.layers[i] = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
+                // (k and v may be views into buffers with room to spare: index_select wants contiguous data)
+                out.layers[i] = Some((k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?));
             }
         }
         Ok(out)
@@ -164,5 +165,9 @@ mod tests {
         assert_eq!(a.len(), want.dims()[2]);
         let (k, _) = a.layers[0].as_ref().unwrap();
         assert!(same(k, &want));
+        // rows leave the batch (as finished generations do) from views into the buffers
+        let kept = a.select_rows(&[1]).unwrap();
+        let (k, _) = kept.layers[0].as_ref().unwrap();
+        assert!(same(k, &want.narrow(0, 1, 1).unwrap()));
     }
 }
