@@ -259,3 +259,18 @@ def test_bad_prompts(models, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(cw.InvalidArgument, match="empty.*BOS"):
         cw.load(d).generate("")
+
+
+def test_stream_reports_its_completion(models):
+    """A finished stream holds what generate returns: token ids, finish reason, usage."""
+    m = models["gpt2-tiny"]
+    params = dict(max_new_tokens=12, seed=5, temperature=0.9)
+    want = m.generate("Hello there", **params)
+    with m.stream("Hello there", **params) as s:
+        assert s.completion is None
+        text = "".join(s)
+    c = s.completion
+    assert text == want.text == c.text
+    assert c.choices[0].token_ids == want.choices[0].token_ids
+    assert c.choices[0].finish_reason == want.choices[0].finish_reason
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (want.usage.prompt_tokens, want.usage.completion_tokens)

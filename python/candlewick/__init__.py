@@ -3,7 +3,7 @@ from . import _native
 from . import ops
 from .errors import CandlewickError, DeviceError, InvalidArgument, ModelLoadError, TokenizerError
 from .tokenizer import Tokenizer
-from .model import Choice, Completion, Model, TokenLogprob, Usage, load
+from .model import Choice, Completion, Model, TextStream, TokenLogprob, Usage, load
 
 __version__ = _native.__version__
 
@@ -11,6 +11,7 @@ __all__ = [
     "load",
     "Model",
     "Completion",
+    "TextStream",
     "Choice",
     "TokenLogprob",
     "Usage",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -170,22 +170,24 @@ class Model:
         out = [Completion._from_native(d) for d in self._native.generate(ids, params)]
         return out if batch else out[0]
 
-    def stream(self, prompt: str | Ids, **params: Any) -> Iterator[str]:
-        """Yield the generated text piece by piece (never half a character, never part of a stop string); the
-        pieces join to `generate(prompt, **params).text` for the same seed. Closing the iterator stops the work.
-        Takes the parameters of `generate`; n must be 1."""
+    def stream(self, prompt: str | Ids, **params: Any) -> TextStream:
+        """The generated text piece by piece (never half a character, never part of a stop string); the pieces
+        join to `generate(prompt, **params).text` for the same seed. Closing the stream stops the work; once it is
+        exhausted, its `completion` has the token ids, finish reason and usage. Takes the parameters of
+        `generate`; n must be 1.
+
+            s = model.stream("Once upon a time", max_new_tokens=20, seed=0)
+            text = "".join(s)
+            s.completion.choices[0].finish_reason   # "length" or "stop"
+        """
         _check_params(params)
-        native = self._native.stream(self._prompt_ids(prompt), params)
-        try:
-            yield from native
-        finally:
-            native.close()
+        return TextStream(self._native.stream(self._prompt_ids(prompt), params))
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Completion:
         """Render `messages` with the checkpoint's chat template (with the assistant prompt), then `generate`."""
         return self.generate(self._chat_ids(messages), **params)
 
-    def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Iterator[str]:
+    def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> TextStream:
         """`chat`, streamed."""
         return self.stream(self._chat_ids(messages), **params)
 
@@ -204,6 +206,49 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return f"Model({c['model_type']}, layers={c['num_layers']}, hidden={c['hidden_size']}, dtype={c['dtype']})"
+
+
+class TextStream:
+    """What `Model.stream` returns: an iterator of text pieces, and once they are all out, `completion` (the
+    `Completion` that `generate` would have returned). `close()` (or leaving a `with` block) stops the
+    generation; an abandoned stream is closed when it is garbage-collected."""
+
+    def __init__(self, native: Any):
+        self._native = native
+        self._completion: Completion | None = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._native)
+        except StopIteration:
+            if self._completion is None:
+                result = self._native.result()
+                if result is not None:
+                    self._completion = Completion._from_native(result)
+            raise
+
+    @property
+    def completion(self) -> Completion | None:
+        """The finished completion (token ids, finish reason, usage); None until the last piece is out."""
+        return self._completion
+
+    def close(self) -> None:
+        self._native.close()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._native.close()
+        except Exception:
+            pass
 
 
 _GENERATE_PARAMS = set(Model.generate.__kwdefaults__)

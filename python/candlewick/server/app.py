@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from sse_starlette import EventSourceResponse
 
-from ..model import Completion, Model
+from ..model import Completion, Model, TextStream
 from ..reference.tokenizer import from_byte_chars
 from .errors import APIError, as_api_error, install
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -186,30 +186,30 @@ def _event(obj: Any) -> dict:
 
 
 class _Job:
-    """A native stream advanced one step at a time in the pool. Closing waits for the step in flight: the
-    native stream must not be closed from one thread while another steps it."""
+    """A `TextStream` advanced one step at a time in the pool. Closing waits for the step in flight: the stream
+    must not be closed from one thread while another steps it."""
 
-    def __init__(self, engine: Engine, native):
-        self.engine, self.native = engine, native
+    def __init__(self, engine: Engine, stream: TextStream):
+        self.engine, self.stream = engine, stream
         self.step: Future | None = None
         self.result: Completion | None = None
 
     async def pieces(self) -> AsyncIterator[str]:
         """The text pieces; self.result holds the completion once they are all out."""
         while True:
-            self.step = self.engine.pool.submit(next, self.native, None)
+            self.step = self.engine.pool.submit(next, self.stream, None)
             piece = await asyncio.wrap_future(self.step)
             if piece is None:
                 break
             if piece:
                 yield piece
-        self.result = Completion._from_native(self.native.result())
+        self.result = self.stream.completion
 
     def close(self) -> None:
         if self.step is None:
-            self.native.close()
+            self.stream.close()
         else:  # now if the step is done, else in its worker thread right after it
-            self.step.add_done_callback(lambda _: self.native.close())
+            self.step.add_done_callback(lambda _: self.stream.close())
 
 
 def create_app(model: Model, model_id: str, api_key: str | None = None, *, workers: int = 4,
@@ -293,7 +293,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             if body.stream and len(prompts) == 1 and body.n == 1 and body.logprobs is None and not body.echo:
-                job = _Job(engine, await engine.run(model._native.stream, prompts[0], params))
+                job = _Job(engine, await engine.run(lambda: model.stream(prompts[0], **params)))
                 close = _closer(job, release)
 
                 async def events():
@@ -378,7 +378,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
         try:
             ids = await engine.run(engine.chat_ids, messages)
             if body.stream and body.n == 1 and not body.logprobs:
-                job = _Job(engine, await engine.run(model._native.stream, ids, params))
+                job = _Job(engine, await engine.run(lambda: model.stream(ids, **params)))
                 close = _closer(job, release)
 
                 async def events():
