@@ -4,7 +4,8 @@
 //! values, all in one pass over a block-sized scratch buffer: no [B, H, Tq, Tk] score tensor, no mask tensor, no
 //! copies of k and v (any strides with contiguous rows of D work, e.g. views into a larger cache).
 //!
-//! The general path (`ops::attention` with a mask, other dtypes or devices) stays Candle's.
+//! An additive f32 mask [B, 1, Tq, Tk] (what generation builds to hide a left-padded batch's padding) is added to
+//! the scores before the softmax. The general path (other masks, other dtypes or devices) stays Candle's.
 
 use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -29,10 +30,11 @@ fn strides4(l: &Layout) -> Option<([usize; 3], usize)> {
     (s.len() == 4 && (s[3] == 1 || l.dims()[3] == 1)).then(|| ([s[0], s[1], s[2]], l.start_offset()))
 }
 
-/// softmax(q·kᵀ·scale [causal]) · v for q [B, H, Tq, D], k and v [B, Hkv, Tk, D] (shapes already checked by the
-/// caller, H % Hkv == 0, Tq <= Tk when causal); None where this kernel does not apply.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Option<Tensor>> {
-    let all_cpu_f32 = [q, k, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+/// softmax(q·kᵀ·scale [causal] [+ mask]) · v for q [B, H, Tq, D], k and v [B, Hkv, Tk, D] (shapes already checked
+/// by the caller, H % Hkv == 0, Tq <= Tk when causal), `mask` additive f32 [B, 1, Tq, Tk]; None where this kernel
+/// does not apply.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, mask: Option<&Tensor>, scale: f64) -> Result<Option<Tensor>> {
+    let all_cpu_f32 = [q, k, v].iter().chain(mask.as_ref()).all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     if !all_cpu_f32 {
         return Ok(None);
     }
@@ -41,6 +43,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
     if k.dims4()? != (b, hkv, tk, d) || v.dims4()? != (b, hkv, tk, d) {
         return Ok(None);
     }
+    if mask.is_some_and(|m| m.dims() != [b, 1, tq, tk]) {
+        return Ok(None);
+    }
+    let mask = mask.map(Tensor::contiguous).transpose()?;
     if b == 0 || h == 0 || tq == 0 || d == 0 || tk == 0 || hkv == 0 || h % hkv != 0 || (causal && tq > tk) {
         return Ok(None);
     }
@@ -60,6 +66,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
         let (kg, _) = k.storage_and_layout();
         let (vg, _) = v.storage_and_layout();
         let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else { return Ok(None) };
+        let mg = mask.as_ref().map(|m| m.storage_and_layout());
+        let md: Option<&[f32]> = match &mg {
+            Some((g, l)) => match &**g {
+                Storage::Cpu(c) => Some(&c.as_slice::<f32>()?[l.start_offset()..l.start_offset() + b * tq * tk]),
+                _ => return Ok(None),
+            },
+            None => None,
+        };
         let qd = &qc.as_slice::<f32>()?[q.layout().start_offset()..];
         let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
         // every element the tasks read must lie inside the storages
@@ -81,7 +95,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
             let vb = v0 + bi * vs[0] + g * vs[1];
             // SAFETY: task t alone writes rows i0..i0+rows of head (bi, hi); bounds of k and v were checked above.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((bh * tq + i0) * d), rows * d) };
-            block(qp, rows, d, &kd[kb..], ks[2], &vd[vb..], vs[2], kend, causal.then_some(off + i0), scale, o);
+            let mrows = md.map(|m| &m[(bi * tq + i0) * tk..(bi * tq + i0 + rows) * tk]);
+            block(qp, rows, d, &kd[kb..], ks[2], &vd[vb..], vs[2], kend, causal.then_some(off + i0), mrows, tk, scale, o);
         };
         let n_tasks = b * h * nblk;
         // Decoding (one query per head, short context) is too little work to share out.
@@ -107,6 +122,8 @@ fn block(
     v_rs: usize,
     kend: usize,
     first_pos: Option<usize>,
+    mask: Option<&[f32]>,
+    mask_rs: usize,
     scale: f32,
     o: &mut [f32],
 ) {
@@ -139,6 +156,9 @@ fn block(
     }
     let mut inv = vec![0f32; rows];
     for (r, row) in s.chunks_exact_mut(kend).enumerate() {
+        if let Some(m) = mask {
+            row.iter_mut().zip(&m[r * mask_rs..r * mask_rs + kend]).for_each(|(x, &a)| *x += a);
+        }
         let seen = first_pos.map_or(kend, |p| (p + r + 1).min(kend));
         let (vis, hidden) = row.split_at_mut(seen);
         hidden.fill(0.0);
@@ -229,12 +249,37 @@ mod tests {
                     continue;
                 }
                 let scale = 1.0 / (d as f64).sqrt();
-                let got = attention(&q, &k, &v, causal, scale).unwrap().unwrap();
+                let got = attention(&q, &k, &v, causal, None, scale).unwrap().unwrap();
                 let want = reference(&q, &k, &v, causal, scale);
                 let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 assert!(diff < 2e-5, "{:?} causal={causal}: max difference {diff}", (b, h, hkv, tq, tk, d));
             }
         }
+    }
+
+    /// A left-padding mask as generation builds it ([B, 1, 1, Tk], -inf on each row's padding), on strided keys:
+    /// the same as Candle's path with the mask added to the scores.
+    #[test]
+    fn padding_mask() {
+        let dev = Device::Cpu;
+        let (b, h, hkv, tk, cap, d) = (3, 4, 2, 11, 16, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, h, 1, d), &dev).unwrap();
+        let kbuf = Tensor::randn(0f32, 1.0, (b, hkv, cap, d), &dev).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (b, hkv, cap, d), &dev).unwrap();
+        let (k, v) = (kbuf.narrow(2, 0, tk).unwrap(), vbuf.narrow(2, 0, tk).unwrap());
+        let pads = [0usize, 3, 7];
+        let m: Vec<f32> = pads.iter().flat_map(|&p| (0..tk).map(move |j| if j < p { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask = Tensor::from_vec(m, (b, 1, 1, tk), &dev).unwrap();
+        let got = attention(&q, &k, &v, false, Some(&mask), 0.35).unwrap().unwrap();
+        let ks = k.contiguous().unwrap().repeat_interleave_heads(h / hkv);
+        let vv = v.contiguous().unwrap().repeat_interleave_heads(h / hkv);
+        let s = (q.matmul(&ks.t().unwrap()).unwrap() * 0.35).unwrap().broadcast_add(&mask).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&s).unwrap().matmul(&vv).unwrap();
+        let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 2e-5, "max difference {diff}");
+        // and a mask of another shape is left to the general path
+        let other = Tensor::zeros((1, tk), DType::F32, &dev).unwrap();
+        assert!(attention(&q, &k, &v, false, Some(&other), 0.35).unwrap().is_none());
     }
 
     #[test]
@@ -247,7 +292,7 @@ mod tests {
         let vbuf = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
         let (k, v) = (kbuf.narrow(2, 0, tk).unwrap(), vbuf.narrow(2, 0, tk).unwrap());
         assert!(!k.is_contiguous());
-        let got = attention(&q, &k, &v, true, 0.3).unwrap().unwrap();
+        let got = attention(&q, &k, &v, true, None, 0.3).unwrap().unwrap();
         let want = reference(&q, &k, &v, true, 0.3);
         let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(diff < 2e-5, "max difference {diff}");

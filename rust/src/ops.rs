@@ -80,10 +80,8 @@ pub fn attention(
     }
     let rep = h / hkv;
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
-    if mask.is_none() {
-        if let Some(y) = crate::cpu_attention::attention(q, k, v, causal, scale)? {
-            return Ok(y); // f32 on CPU: blocked, skipping the keys a causal block cannot see
-        }
+    if let Some(y) = crate::cpu_attention::attention(q, k, v, causal, mask, scale)? {
+        return Ok(y); // f32 on CPU: blocked, skipping the keys a causal block cannot see
     }
     // The query heads that share a key/value head are adjacent, so [B, H, Tq, D] reads as
     // [B, Hkv, rep·Tq, D]: one matmul per key/value head, without copying k and v rep times.
