@@ -11,18 +11,10 @@ use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::linear::SendPtr;
 
 /// Queries per task.
 const QBLOCK: usize = 64;
-
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// Strides (in elements) of a rank-4 [B, H, T, D] view whose rows of D are contiguous, with its start offset.
 fn strides4(l: &Layout) -> Option<([usize; 3], usize)> {
@@ -82,7 +74,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, mask: Option<
             return Ok(None);
         }
         let nblk = tq.div_ceil(QBLOCK);
-        let dst = Out(out.as_mut_ptr());
+        let dst = SendPtr(out.as_mut_ptr());
         let task = |t: usize| {
             let (bh, blk) = (t / nblk, t % nblk);
             let (bi, hi) = (bh / h, bh % h);

@@ -231,7 +231,7 @@ fn matmul<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, bias: Optio
     // bf16 weights multiply activations rounded to bf16, as PyTorch's bf16 matmuls do and as the CPU's bf16 dot
     // product instructions need: decode and prefill, with or without those instructions, get the same products.
     let rounded: Vec<f32>;
-    let x = if W::bf16_bits(&w[..0]).is_some() {
+    let x = if W::IS_BF16 {
         rounded = x.iter().map(|&v| round_bf16(v)).collect();
         &rounded[..]
     } else {
@@ -265,7 +265,9 @@ pub(crate) trait Elem: WithDType {
     fn as_f32(_s: &[Self]) -> Option<&[f32]> {
         None
     }
-    /// The raw bits when the weight is bf16 (whose matmuls take their activations rounded to bf16 too).
+    /// bf16 weights multiply activations rounded to bf16.
+    const IS_BF16: bool = false;
+    /// The raw bits when the weight is bf16.
     fn bf16_bits(_s: &[Self]) -> Option<&[u16]> {
         None
     }
@@ -289,6 +291,7 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
+    const IS_BF16: bool = true;
     fn bf16_bits(s: &[bf16]) -> Option<&[u16]> {
         Some(half::slice::HalfFloatSliceExt::reinterpret_cast(s))
     }
@@ -324,11 +327,11 @@ impl Elem for f16 {
 // Threads
 
 /// The output buffer, shared by tasks that each write their own disjoint part of it.
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(&self) -> *mut f32 {
+    pub(crate) fn get(&self) -> *mut f32 {
         self.0
     }
 }

@@ -136,28 +136,18 @@ impl Model {
 
     /// Decoder forward: ids [B, T] at `positions` [B, T] -> hidden [B, T, C].
     pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
-        self.forward_layers(ids, positions, mask, cache, None)
-    }
-
-    /// `forward`, also pushing each block's output (the residual stream [B, T, C]) to `layers_out`.
-    pub fn forward_layers(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut Cache,
-        layers_out: Option<&mut Vec<Tensor>>,
-    ) -> Result<Tensor> {
-        self.run_net(ids, positions, mask, cache, layers_out, false)
+        self.forward_layers(ids, positions, mask, cache, None, false)
     }
 
     /// `forward` for when only the last position matters (a prompt before generation): hidden [B, 1, C], and the
     /// cache filled for every position. The last block skips the work the other positions would need.
     pub fn forward_last(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut Cache) -> Result<Tensor> {
-        self.run_net(ids, positions, mask, cache, None, true)
+        self.forward_layers(ids, positions, mask, cache, None, true)
     }
 
-    fn run_net(
+    /// `forward`, also pushing each block's output (the residual stream [B, T, C]) to `layers_out`; with
+    /// `last_only`, see `forward_last`.
+    pub fn forward_layers(
         &self,
         ids: &Tensor,
         positions: &Tensor,
@@ -219,7 +209,7 @@ impl Model {
         self.check_ids(ids, "input")?;
         let t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut layers = Vec::new();
-        let hidden = self.forward_layers(&t, &positions(1, ids.len(), 0, &self.device)?, None, &mut self.new_cache(), Some(&mut layers))?;
+        let hidden = self.forward_layers(&t, &positions(1, ids.len(), 0, &self.device)?, None, &mut self.new_cache(), Some(&mut layers), false)?;
         let logits = self.lm_head(&hidden)?.squeeze(0)?;
         let mut out: Vec<Tensor> = layers.iter().map(|l| l.squeeze(0)?.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
         out.push(hidden.squeeze(0)?.to_dtype(DType::F32)?);

@@ -15,7 +15,7 @@ use crate::error::Result;
 /// position in place instead of copying the whole cache. Only the cache that made a buffer writes into it, and only
 /// past its own length, so views held elsewhere (a clone, a returned tensor) never change; a clone starts without
 /// spare room and makes its own buffers when it grows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Cache {
     pub layers: Vec<Option<(Tensor, Tensor)>>,
     /// per layer: the buffers [B, Hkv, capacity, D] that `layers` views, when this cache owns them
@@ -47,9 +47,6 @@ impl Cache {
 
     /// Append this step's k, v [B, Hkv, T, D] to layer `i`; returns all keys and values so far.
     pub fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        if self.spare.len() < self.layers.len() {
-            self.spare.resize(self.layers.len(), None);
-        }
         let Some((pk, pv)) = self.layers[i].take() else {
             // a first step (a prefill) keeps its tensors as they are: most are never extended
             self.layers[i] = Some((k.clone(), v.clone()));
