@@ -3,55 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
-from functools import lru_cache
+import re
+from functools import cache, cached_property
 from typing import Any, Iterable, Mapping, Sequence
 
-import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from . import _native
+from .chat_template import TemplateError, render, special_tokens_map
 from .errors import InvalidArgument, TokenizerError
-
-
-class _GenerationTag(Extension):
-    """`{% generation %}...{% endgeneration %}`: transformers marks assistant text with it; it renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    # The environment transformers' apply_chat_template uses, so that templates render byte for byte the same.
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -70,6 +28,18 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
     if not checked:
         raise InvalidArgument("messages is empty")
     return checked
+
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: the printable Latin-1 bytes stand for themselves, the other
+    68 bytes for U+0100 onwards, in byte order (so 'Ġ' is the space byte)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(0x100 + n): b for n, b in enumerate(moved)}}
 
 
 class Tokenizer:
@@ -170,14 +140,48 @@ class Tokenizer:
         template = chat_template or self.chat_template
         if template is None:
             raise TokenizerError(f"{self._native.source}: the checkpoint has no chat template")
-        context = {**self.special_tokens, **kwargs}
         try:
-            text = _compile(template).render(
-                messages=_check_messages(messages), add_generation_prompt=add_generation_prompt, **context
+            text = render(
+                template, _check_messages(messages), add_generation_prompt=add_generation_prompt,
+                special_tokens=self._template_special_tokens, **kwargs,
             )
-        except jinja2.TemplateError as e:
+        except TemplateError as e:
             raise InvalidArgument(f"chat template: {e}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    @cached_property
+    def _template_special_tokens(self) -> dict[str, Any]:
+        """The special tokens a chat template sees, as transformers passes them: the named ones, and the
+        additional_special_tokens list of tokenizer_config.json (read here; the native tokenizer keeps names only)."""
+        return special_tokens_map(self.special_tokens, self._additional_special_tokens())
+
+    def _additional_special_tokens(self) -> list[Any]:
+        source = self._native.source
+        if source.endswith(".gguf"):
+            return []
+        path = os.path.join(os.path.dirname(source), "tokenizer_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):  # absent (GPT-2); a malformed file was refused when the tokenizer loaded
+            return []
+        extra = config.get("additional_special_tokens") if isinstance(config, dict) else None
+        return list(extra) if isinstance(extra, list) else []
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for. Mostly the UTF-8 of its text, but a byte-level BPE token (GPT-2,
+        Llama 3, Qwen) or a byte-fallback token (<0xE2>, SentencePiece) may hold part of a UTF-8 character,
+        which its decoded text shows only as U+FFFD."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        token = self.id_to_token(token_id)
+        if _BYTE_FALLBACK.fullmatch(token):
+            return bytes([int(token[3:5], 16)])
+        alphabet = _byte_level_decoder()
+        if all(c in alphabet for c in token):
+            return bytes(alphabet[c] for c in token)
+        return text.encode("utf-8")
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._native.source!r}, vocab_size={self.vocab_size})"

@@ -24,7 +24,6 @@ from fastapi import Depends, FastAPI, Request
 from sse_starlette import EventSourceResponse
 
 from ..model import Completion, Model, TextStream
-from ..reference.tokenizer import from_byte_chars
 from .errors import APIError, as_api_error, install
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -103,13 +102,7 @@ class Engine:
     def token_text(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and its bytes (a byte-level BPE token may hold part of a UTF-8 character)."""
         tok = self.model.tokenizer
-        text = tok.decode([token_id], skip_special_tokens=False)
-        if "\ufffd" in text:
-            try:
-                return text, list(from_byte_chars(tok.id_to_token(token_id)))
-            except (KeyError, ValueError, TypeError):
-                pass
-        return text, list(text.encode("utf-8"))
+        return tok.decode([token_id], skip_special_tokens=False), list(tok.token_bytes(token_id))
 
 
 def _now() -> int:
