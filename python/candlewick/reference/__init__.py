@@ -4,7 +4,10 @@
     model = load("tests/data/llama-tiny")
     model.logits(model.tokenizer.encode("Hello"))   # float64 [T, V]
 
-It imports neither torch nor the native extension; only numpy, safetensors and jinja2.
+It imports neither torch nor the native extension (nor the engine's modules); only numpy, safetensors, regex and
+jinja2, plus two pure-Python modules it shares with the engine because they are specifications rather than
+computations under test: candlewick.chat_template (transformers' template environment) and candlewick.windows
+(the perplexity windows). tests/test_reference_standalone.py runs it with candlewick._native made unimportable.
 """
 from . import functional, generate
 from .models import CausalLM, Encoder, load

@@ -14,86 +14,23 @@ import functools
 import json
 import re
 import unicodedata
-from datetime import datetime
 from pathlib import Path
 
-# --- Unicode classes for Python's `re`, which has no \p{..} --------------------------------------------------------
+import regex
 
-# The Unicode White_Space property: what \s means in the Rust and Oniguruma regex engines used by `tokenizers`.
-WHITESPACE = "\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+from .. import chat_template
+
+# --- regular expressions ----------------------------------------------------------------------------------------
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LONG_NAMES = {"Letter": "L", "Number": "N", "Punctuation": "P", "Symbol": "S", "Mark": "M", "Separator": "Z"}
 
 
 @functools.cache
-def _category_ranges() -> dict[str, list[tuple[int, int]]]:
-    """Every Unicode general category (and its one-letter major class) as a list of code point ranges."""
-    ranges: dict[str, list[list[int]]] = {}
-    for cp in range(0x110000):
-        cat = unicodedata.category(chr(cp))
-        for name in (cat, cat[0]):
-            rs = ranges.setdefault(name, [])
-            if rs and rs[-1][1] == cp - 1:
-                rs[-1][1] = cp
-            else:
-                rs.append([cp, cp])
-    return {k: [tuple(r) for r in v] for k, v in ranges.items()}
-
-
-@functools.cache
-def _class_body(name: str) -> str:
-    """The inside of a [...] class for \\p{name}, e.g. 'L' -> '\\U00000041-\\U0000005a...'."""
-    name = _LONG_NAMES.get(name, name)
-    if name not in _category_ranges():
-        raise NotImplementedError(f"tokenizer regex: unknown Unicode class \\p{{{name}}}")
-    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in _category_ranges()[name])
-
-
-@functools.cache
-def compile_regex(pattern: str) -> re.Pattern:
-    """Compile a tokenizer.json (Oniguruma-style) pattern with Python's `re`: \\p{X} / \\P{X} become explicit
-    Unicode ranges and \\s / \\S the White_Space property; everything else is the same syntax."""
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\" and i + 1 < len(pattern):
-            nxt = pattern[i + 1]
-            if nxt in "pP":
-                if pattern[i + 2] == "{":
-                    end = pattern.index("}", i)
-                    name, i = pattern[i + 3:end], end + 1
-                else:
-                    name, i = pattern[i + 2], i + 3
-                body = _class_body(name)
-                if in_class and nxt == "P":
-                    raise NotImplementedError(f"tokenizer regex: \\P{{..}} inside [...] in {pattern!r}")
-                out.append(body if in_class else f"[{'^' if nxt == 'P' else ''}{body}]")
-                continue
-            if nxt in "sS":
-                if in_class and nxt == "S":
-                    raise NotImplementedError(f"tokenizer regex: \\S inside [...] in {pattern!r}")
-                out.append(WHITESPACE if in_class else f"[{'^' if nxt == 'S' else ''}{WHITESPACE}]")
-                i += 2
-                continue
-            out.append(pattern[i:i + 2])
-            i += 2
-            continue
-        if c == "[" and not in_class:
-            in_class = True
-            out.append(c)
-            i += 1
-            if pattern[i:i + 1] == "^":
-                out.append("^")
-                i += 1
-            if pattern[i:i + 1] == "]":  # a ']' right after '[' or '[^' is a literal
-                out.append("\\]")
-                i += 1
-            continue
-        if c == "]" and in_class:
-            in_class = False
-        out.append(c)
-        i += 1
-    return re.compile("".join(out))
+def compile_regex(pattern: str) -> regex.Pattern:
+    """Compile a tokenizer.json (Oniguruma-style) pattern. The `regex` package reads the same syntax as
+    `tokenizers`' engines: Unicode classes \\p{L} / \\P{N} / \\p{Letter}, and \\s as the Unicode White_Space
+    property (Python's `re` has no \\p{..}, and its \\s also takes the separators U+001C..U+001F)."""
+    return regex.compile(pattern)
 
 
 def split_by_regex(text: str, regex: re.Pattern, behavior: str = "Isolated", invert: bool = False) -> list[str]:
@@ -269,11 +206,11 @@ def _pre_tokenize_one(spec: dict, piece: str) -> list[str]:
         # whitespace is removed, each punctuation character becomes a word of its own
         return [w for word in piece.split() for w in _split_punctuation(word)]
     if kind == "Whitespace":
-        return re.findall(r"\w+|[^\w\s]+", piece)
+        return compile_regex(r"\w+|[^\w\s]+").findall(piece)
     if kind == "WhitespaceSplit":
         return piece.split()
-    if kind == "Digits":
-        return split_by_regex(piece, re.compile(r"\d" if spec.get("individual_digits") else r"\d+"), "Isolated")
+    if kind == "Digits":  # tokenizers splits on char::is_numeric: every \p{N}, not only decimal digits
+        return split_by_regex(piece, compile_regex(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+"))
     if kind == "Punctuation":
         return _split_punctuation(piece)
     if kind == "Metaspace":  # SentencePiece: spaces become '▁', and a '▁' is put in front of the text
@@ -621,42 +558,13 @@ class Tokenizer:
     # -- chat ------------------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render the checkpoint's jinja chat template exactly as transformers does: a sandboxed environment with
-        trim_blocks and lstrip_blocks, the loopcontrols extension, `raise_exception`, `strftime_now` and a
-        `tojson` that keeps non-ASCII characters; the special tokens are passed by name (bos_token, eos_token ...)."""
+        """Render the checkpoint's jinja chat template exactly as transformers does (candlewick.chat_template: a
+        sandboxed environment with trim_blocks and lstrip_blocks, loop controls, `raise_exception`,
+        `strftime_now`, a `tojson` that keeps non-ASCII characters), with the special tokens by name
+        (bos_token, eos_token, ..., additional_special_tokens) and `kwargs` as further variables."""
         if not self.chat_template:
             raise ValueError("tokenizer: this checkpoint has no chat_template (tokenizer_config.json)")
-        names = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
-        special = {n: v for n in names if (v := self.special_token(n)) is not None}
-        if "additional_special_tokens" in self.config:
-            special["additional_special_tokens"] = [_token_content(t) for t in self.config["additional_special_tokens"]]
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
-
-
-@functools.cache
-def _compile_template(source: str):
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """{% generation %} ... {% endgeneration %} (transformers marks assistant text with it): rendered as is."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body, lineno=lineno)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+        names = {n: self.special_token(n) for n in chat_template.SPECIAL_TOKEN_NAMES[:-1]}
+        special = chat_template.special_tokens_map(names, self.config.get("additional_special_tokens"))
+        return chat_template.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=special, **kwargs)
