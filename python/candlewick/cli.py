@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .errors import CandlewickError, InvalidArgument
+from .windows import default_stride, perplexity_windows
 
 # -- where a MODEL argument becomes a path --------------------------------------------------------------------------
 
@@ -211,27 +212,25 @@ def _cmd_perplexity(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"{args.model}: the checkpoint has no tokenizer")
     ids = model.tokenizer.encode(text)
     ctx = model.config["context_length"]
-    stride = args.stride if args.stride is not None else max(ctx // 2, 1)
+    stride = args.stride if args.stride is not None else default_stride(ctx)
     if len(ids) < 2:
         raise InvalidArgument(f"perplexity needs at least two tokens; the text has {len(ids)}")
     if not 0 < stride <= ctx:
         raise InvalidArgument(f"--stride must be between 1 and the context length {ctx}, got {stride}")
-    # The sliding window of Model.perplexity, one window at a time so that a long text shows its progress:
-    # windows of `ctx` tokens start every `stride` tokens and each scores only the tokens no earlier one did.
-    total, count, scored_to, begin = 0.0, 0, 1, 0
+    try:
+        windows = perplexity_windows(len(ids), ctx, stride)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    # The windows of Model.perplexity, one at a time so that a long text shows its progress.
+    total, count = 0.0, 0
     t0 = time.perf_counter()
     with _progress(total=len(ids) - 1, unit="tok", desc="perplexity") as bar:
-        while True:
-            end = min(begin + ctx, len(ids))
+        for begin, end, first in windows:
             nll = model.token_nll(ids[begin:end])             # nll[j] scores token begin + j + 1
-            new = nll[max(scored_to - 1 - begin, 0):]
+            new = nll[first - begin - 1:]
             total += float(sum(float(x) for x in new))
             count += len(new)
             bar.update(len(new))
-            scored_to = end
-            if end == len(ids):
-                break
-            begin += stride
     seconds = time.perf_counter() - t0
     ppl = math.exp(total / count)
     if args.json:
