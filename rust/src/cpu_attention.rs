@@ -25,7 +25,19 @@ fn strides4(l: &Layout) -> Option<([usize; 3], usize)> {
 /// softmax(q·kᵀ·scale [causal] [+ mask]) · v for q [B, H, Tq, D], k and v [B, Hkv, Tk, D] (shapes already checked
 /// by the caller, H % Hkv == 0, Tq <= Tk when causal), `mask` additive f32 [B, 1, Tq, Tk]; None where this kernel
 /// does not apply.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, mask: Option<&Tensor>, scale: f64) -> Result<Option<Tensor>> {
+/// `window`: query i (at position Tk - Tq + i) sees only keys less than `window` positions before it; `softcap`:
+/// scores s become cap·tanh(s / cap) before the mask.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    mask: Option<&Tensor>,
+    scale: f64,
+    window: Option<usize>,
+    softcap: Option<f64>,
+) -> Result<Option<Tensor>> {
     let all_cpu_f32 = [q, k, v].iter().chain(mask.as_ref()).all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     if !all_cpu_f32 {
         return Ok(None);
@@ -39,7 +51,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, mask: Option<
         return Ok(None);
     }
     let mask = mask.map(Tensor::contiguous).transpose()?;
-    if b == 0 || h == 0 || tq == 0 || d == 0 || tk == 0 || hkv == 0 || h % hkv != 0 || (causal && tq > tk) {
+    if b == 0 || h == 0 || tq == 0 || d == 0 || tk == 0 || hkv == 0 || h % hkv != 0 || ((causal || window.is_some()) && tq > tk) {
         return Ok(None);
     }
     let q = q.contiguous()?;
@@ -49,7 +61,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, mask: Option<
     };
     let (Some((ks, k0)), Some((vs, v0))) = (strides4(k.layout()), strides4(v.layout())) else { return Ok(None) };
     let rep = h / hkv;
-    let off = if causal { tk - tq } else { 0 }; // causal: query i sits at position off + i (Tq <= Tk)
+    let off = tk.saturating_sub(tq); // query i sits at position off + i (Tq <= Tk when causal or windowed)
     let scale = scale as f32;
 
     let mut out = vec![0f32; b * h * tq * d];
@@ -82,13 +94,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, mask: Option<
             let i0 = blk * QBLOCK;
             let rows = QBLOCK.min(tq - i0);
             let kend = if causal { (off + i0 + rows).min(tk) } else { tk };
+            // with a window, the block's first query sees nothing before kstart (and later ones less)
+            let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
             let qp = &qd[(bh * tq + i0) * d..(bh * tq + i0 + rows) * d];
-            let kb = k0 + bi * ks[0] + g * ks[1];
-            let vb = v0 + bi * vs[0] + g * vs[1];
+            let kb = k0 + bi * ks[0] + g * ks[1] + kstart * ks[2];
+            let vb = v0 + bi * vs[0] + g * vs[1] + kstart * vs[2];
             // SAFETY: task t alone writes rows i0..i0+rows of head (bi, hi); bounds of k and v were checked above.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((bh * tq + i0) * d), rows * d) };
-            let mrows = md.map(|m| &m[(bi * tq + i0) * tk..(bi * tq + i0 + rows) * tk]);
-            block(qp, rows, d, &kd[kb..], ks[2], &vd[vb..], vs[2], kend, causal.then_some(off + i0), mrows, tk, scale, o);
+            let mrows = md.map(|m| &m[(bi * tq + i0) * tk + kstart..(bi * tq + i0 + rows) * tk]);
+            let span = Span { kend: kend - kstart, causal_first: causal.then(|| off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
+            block(qp, rows, d, &kd[kb..], ks[2], &vd[vb..], vs[2], span, mrows, tk, scale, softcap.map(|c| c as f32), o);
         };
         let n_tasks = b * h * nblk;
         // Decoding (one query per head, short context) is too little work to share out.
@@ -101,8 +116,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, mask: Option<
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
-/// One block of `rows` queries against keys 0..kend: o = softmax(q·kᵀ·scale) · v, row r seeing keys
-/// 0..=first_pos + r when causal (`first_pos` = position of the block's first query).
+/// Which keys (indices relative to the block's first key) the rows of a block see.
+struct Span {
+    /// keys 0..kend exist for this block
+    kend: usize,
+    /// causal: row r sees keys ..= causal_first + r
+    causal_first: Option<usize>,
+    /// sliding window (end, w): row r sees keys >= end + r - w (end = the first row's position + 1)
+    window_first: Option<(usize, usize)>,
+}
+
+/// One block of `rows` queries against its keys: o = softmax(q·kᵀ·scale [softcapped] [+ mask]) · v, each row
+/// seeing the keys `span` gives it.
 #[allow(clippy::too_many_arguments)]
 fn block(
     q: &[f32],
@@ -112,13 +137,14 @@ fn block(
     k_rs: usize,
     v: &[f32],
     v_rs: usize,
-    kend: usize,
-    first_pos: Option<usize>,
+    span: Span,
     mask: Option<&[f32]>,
     mask_rs: usize,
     scale: f32,
+    softcap: Option<f32>,
     o: &mut [f32],
 ) {
+    let kend = span.kend;
     let mut s = vec![0f32; rows * kend];
     // S = scale · Q Kᵀ   [rows, kend]
     // SAFETY: Q is [rows, d] row-major; Kᵀ is [d, kend] read at k[j·k_rs + c] (inside k: checked by the caller);
@@ -148,11 +174,17 @@ fn block(
     }
     let mut inv = vec![0f32; rows];
     for (r, row) in s.chunks_exact_mut(kend).enumerate() {
+        if let Some(cap) = softcap {
+            row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+        }
         if let Some(m) = mask {
             row.iter_mut().zip(&m[r * mask_rs..r * mask_rs + kend]).for_each(|(x, &a)| *x += a);
         }
-        let seen = first_pos.map_or(kend, |p| (p + r + 1).min(kend));
-        let (vis, hidden) = row.split_at_mut(seen);
+        let seen = span.causal_first.map_or(kend, |p| (p + r + 1).min(kend));
+        let from = span.window_first.map_or(0, |(end, w)| (end + r).saturating_sub(w)).min(seen);
+        let (before, rest) = row.split_at_mut(from);
+        before.fill(0.0);
+        let (vis, hidden) = rest.split_at_mut(seen - from);
         hidden.fill(0.0);
         inv[r] = 1.0 / crate::fastmath::exp_shifted_sum(vis);
     }
@@ -241,7 +273,7 @@ mod tests {
                     continue;
                 }
                 let scale = 1.0 / (d as f64).sqrt();
-                let got = attention(&q, &k, &v, causal, None, scale).unwrap().unwrap();
+                let got = attention(&q, &k, &v, causal, None, scale, None, None).unwrap().unwrap();
                 let want = reference(&q, &k, &v, causal, scale);
                 let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 assert!(diff < 2e-5, "{:?} causal={causal}: max difference {diff}", (b, h, hkv, tq, tk, d));
@@ -262,7 +294,7 @@ mod tests {
         let pads = [0usize, 3, 7];
         let m: Vec<f32> = pads.iter().flat_map(|&p| (0..tk).map(move |j| if j < p { f32::NEG_INFINITY } else { 0.0 })).collect();
         let mask = Tensor::from_vec(m, (b, 1, 1, tk), &dev).unwrap();
-        let got = attention(&q, &k, &v, false, Some(&mask), 0.35).unwrap().unwrap();
+        let got = attention(&q, &k, &v, false, Some(&mask), 0.35, None, None).unwrap().unwrap();
         let ks = k.contiguous().unwrap().repeat_interleave_heads(h / hkv);
         let vv = v.contiguous().unwrap().repeat_interleave_heads(h / hkv);
         let s = (q.matmul(&ks.t().unwrap()).unwrap() * 0.35).unwrap().broadcast_add(&mask).unwrap();
@@ -271,7 +303,7 @@ mod tests {
         assert!(diff < 2e-5, "max difference {diff}");
         // and a mask of another shape is left to the general path
         let other = Tensor::zeros((1, tk), DType::F32, &dev).unwrap();
-        assert!(attention(&q, &k, &v, false, Some(&other), 0.35).unwrap().is_none());
+        assert!(attention(&q, &k, &v, false, Some(&other), 0.35, None, None).unwrap().is_none());
     }
 
     #[test]
@@ -284,7 +316,7 @@ mod tests {
         let vbuf = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
         let (k, v) = (kbuf.narrow(2, 0, tk).unwrap(), vbuf.narrow(2, 0, tk).unwrap());
         assert!(!k.is_contiguous());
-        let got = attention(&q, &k, &v, true, None, 0.3).unwrap().unwrap();
+        let got = attention(&q, &k, &v, true, None, 0.3, None, None).unwrap().unwrap();
         let want = reference(&q, &k, &v, true, 0.3);
         let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(diff < 2e-5, "max difference {diff}");

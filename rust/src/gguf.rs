@@ -9,7 +9,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::config::{Arch, Config, RopeScaling};
+use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -20,7 +20,7 @@ pub struct Gguf {
     pub arch: String,
 }
 
-const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2, gpt2";
+const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2, qwen3, gemma3, phi3, gptneox, gpt2";
 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
@@ -108,11 +108,15 @@ impl Gguf {
         Ok(self.qtensor(name, shape, device)?.dequantize(device)?.to_dtype(DType::F32)?)
     }
 
+    /// The model's config from the `{arch}.*` metadata, as the equivalent config.json read by `Config::from_value`
+    /// (one reading of the maths for both formats), with llama.cpp's conventions for what the file leaves out.
+    /// A `{arch}.*` key the engine does not implement is refused by name.
     pub fn config(&self) -> Result<Config> {
         let a = self.arch.as_str();
-        let arch = match a {
-            "llama" | "qwen2" => Arch::Llama,
-            "gpt2" => Arch::Gpt2,
+        let model_type = match a {
+            "llama" | "qwen2" | "qwen3" | "phi3" | "gpt2" => a,
+            "gemma3" => "gemma3_text",
+            "gptneox" => "gpt_neox",
             other => {
                 return Err(Error::load(
                     &self.path,
@@ -120,45 +124,128 @@ impl Gguf {
                 ))
             }
         };
+        // every {arch}.* key: read below, or harmless
+        const KNOWN: &[&str] = &[
+            "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+            "attention.head_count_kv", "attention.key_length", "attention.value_length",
+            "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.dimension_count", "rope.freq_base",
+            "rope.scale_linear", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
+            "rope.scaling.finetuned", "attention.sliding_window", "use_parallel_residual", "vocab_size",
+            "tensor_data_layout", "final_logit_softcapping", "attn_logit_softcapping", "expert_count", "expert_used_count",
+        ];
+        let prefix = format!("{a}.");
+        let mut keys: Vec<&String> = self.content.metadata.keys().filter(|k| k.starts_with(&prefix)).collect();
+        keys.sort();
+        if let Some(bad) = keys.iter().find(|k| !KNOWN.contains(&&k[prefix.len()..])) {
+            return Err(Error::load(&self.path, format!("metadata key {bad:?} is not implemented")));
+        }
+        if self.opt_num(&format!("{a}.expert_count")).is_some_and(|n| n > 0.0) {
+            return Err(Error::load(&self.path, format!("{a}.expert_count: mixture-of-experts models are not implemented")));
+        }
         let k = |s: &str| format!("{a}.{s}");
         let hidden = self.usize(&k("embedding_length"))?;
         let heads = self.usize(&k("attention.head_count"))?;
+        let layers = self.usize(&k("block_count"))?;
+        if heads == 0 {
+            return Err(Error::load(&self.path, format!("{}: must be positive", k("attention.head_count"))));
+        }
         let kv = self.opt_num(&k("attention.head_count_kv")).map(|x| x as usize).unwrap_or(heads);
         let vocab = match self.content.metadata.get("tokenizer.ggml.tokens") {
             Some(Value::Array(t)) => t.len(),
             _ => self.usize(&k("vocab_size"))?,
         };
-        let head_dim = self.opt_num(&k("rope.dimension_count")).map(|x| x as usize).unwrap_or(hidden / heads);
-        let raw = json!({"model_type": a, "gguf": self.path.display().to_string()});
-        Ok(Config {
-            arch,
-            model_type: a.to_string(),
-            vocab_size: vocab,
-            hidden_size: hidden,
-            num_layers: self.usize(&k("block_count"))?,
-            num_heads: heads,
-            num_kv_heads: kv,
-            head_dim,
-            intermediate_size: self.usize(&k("feed_forward_length"))?,
-            max_position_embeddings: self.usize(&k("context_length"))?,
-            norm_eps: self
-                .opt_num(&k("attention.layer_norm_rms_epsilon"))
-                .or_else(|| self.opt_num(&k("attention.layer_norm_epsilon")))
-                .unwrap_or(1e-5),
-            rope_theta: self.opt_num(&k("rope.freq_base")).unwrap_or(10000.0),
-            rope_scaling: match self.opt_num(&k("rope.scale_linear")) {
-                Some(f) if f != 1.0 => RopeScaling::Linear { factor: f },
-                _ => RopeScaling::None,
-            },
-            tie_word_embeddings: !self.has_tensor("output.weight"),
-            hidden_act: if arch == Arch::Gpt2 { "gelu_new".into() } else { "silu".into() },
-            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
-            o_bias: false,
-            mlp_bias: false,
-            type_vocab_size: 0,
-            bos_token_id: self.opt_num("tokenizer.ggml.bos_token_id").map(|x| x as u32),
-            raw,
-        })
+        let head_dim = self.opt_num(&k("attention.key_length")).map(|x| x as usize).unwrap_or(hidden / heads);
+        if let Some(vl) = self.opt_num(&k("attention.value_length")) {
+            if vl as usize != head_dim {
+                return Err(Error::load(&self.path, format!("{} ({vl}) differs from the key length {head_dim}: not implemented", k("attention.value_length"))));
+            }
+        }
+        let rope_dims = self.opt_num(&k("rope.dimension_count")).map(|x| x as usize).unwrap_or(head_dim);
+        let mut rope = serde_json::Map::new();
+        rope.insert("rope_theta".into(), json!(self.opt_num(&k("rope.freq_base")).unwrap_or(10000.0)));
+        let scaling = self.content.metadata.get(&k("rope.scaling.type")).and_then(|v| v.to_string().ok()).cloned();
+        let factor = self.opt_num(&k("rope.scaling.factor")).or_else(|| self.opt_num(&k("rope.scale_linear")));
+        match (scaling.as_deref(), factor) {
+            (None | Some("none"), None) => {}
+            (None | Some("linear"), Some(f)) => {
+                rope.insert("rope_type".into(), json!("linear"));
+                rope.insert("factor".into(), json!(f));
+            }
+            (Some("none"), Some(f)) if f == 1.0 => {}
+            (Some(t), _) => {
+                return Err(Error::load(&self.path, format!("{} {t:?} is not implemented (implemented: none, linear)", k("rope.scaling.type"))))
+            }
+        }
+        if rope_dims != head_dim {
+            rope.insert("partial_rotary_factor".into(), json!(rope_dims as f64 / head_dim as f64));
+        }
+        let eps = self
+            .opt_num(&k("attention.layer_norm_rms_epsilon"))
+            .or_else(|| self.opt_num(&k("attention.layer_norm_epsilon")))
+            .unwrap_or(1e-5);
+        let mut c = json!({
+            "model_type": model_type,
+            "gguf": self.path.display().to_string(),
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": head_dim,
+            "intermediate_size": self.usize(&k("feed_forward_length"))?,
+            "max_position_embeddings": self.usize(&k("context_length"))?,
+            "rms_norm_eps": eps,
+            "layer_norm_eps": eps,
+            "layer_norm_epsilon": eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": !self.has_tensor("output.weight"),
+            "bos_token_id": self.opt_num("tokenizer.ggml.bos_token_id").map(|x| x as u32),
+        });
+        if let Some(w) = self.opt_num(&k("attention.sliding_window")).filter(|&w| w > 0.0) {
+            c["sliding_window"] = json!(w as usize);
+        }
+        match a {
+            "llama" | "qwen3" => c["attention_bias"] = json!(self.has_tensor("blk.0.attn_q.bias")),
+            "gptneox" => c["use_parallel_residual"] = json!(self.opt_bool(&k("use_parallel_residual")).unwrap_or(true)),
+            "gemma3" => {
+                // llama.cpp's fixed Gemma 3 conventions: every 6th layer global, local RoPE base 10000, scores scaled
+                // by 1/√head_dim (27B, 62 layers: 1/√(hidden/heads))
+                c["_sliding_window_pattern"] = json!(6);
+                c["rope_local_base_freq"] = json!(10000.0);
+                c["rope_theta"] = c["rope_parameters"]["rope_theta"].clone();
+                c["query_pre_attn_scalar"] = json!(if layers == 62 { hidden / heads } else { head_dim });
+                c["hidden_activation"] = json!("gelu_pytorch_tanh");
+                for cap in ["final_logit_softcapping", "attn_logit_softcapping"] {
+                    if let Some(x) = self.opt_num(&k(cap)) {
+                        c[cap] = json!(x);
+                    }
+                }
+                c.as_object_mut().expect("object").remove("rope_parameters");
+            }
+            _ => {}
+        }
+        let mut cfg = Config::from_value(c, &self.path.display().to_string())?;
+        if model_type == "qwen2" {
+            cfg.qkv_bias = self.has_tensor("blk.0.attn_q.bias");
+        }
+        if model_type == "gpt_neox" {
+            cfg.qkv_bias = self.has_tensor("blk.0.attn_qkv.bias");
+            cfg.o_bias = self.has_tensor("blk.0.attn_output.bias");
+            cfg.mlp_bias = self.has_tensor("blk.0.ffn_up.bias");
+        }
+        // Llama 3.1's frequency scaling travels as a tensor of per-dimension divisors
+        if self.has_tensor("rope_freqs.weight") {
+            let f = self.dense("rope_freqs.weight", &[rope_dims / 2], &Device::Cpu)?.to_vec1::<f32>()?;
+            for r in cfg.ropes.iter_mut() {
+                r.scaling = RopeScaling::FreqFactors(f.iter().map(|&x| x as f64).collect());
+            }
+            cfg.rope_scaling = cfg.ropes[0].scaling.clone();
+        }
+        Ok(cfg)
+    }
+
+    fn opt_bool(&self, key: &str) -> Option<bool> {
+        self.content.metadata.get(key).and_then(|v| v.to_bool().ok())
     }
 
     /// The tokenizer described by tokenizer.ggml.* (byte-level BPE, or SentencePiece BPE), as a Hugging Face

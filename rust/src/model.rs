@@ -11,13 +11,13 @@ use crate::config::{Arch, Config};
 use crate::device::on_workers;
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
-use crate::models::{bert::Bert, gpt2::Gpt2, llama::Llama, positions, Cache};
+use crate::models::{bert::Bert, decoder::Decoder, gpt2::Gpt2, positions, Cache};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{safetensors_files, Weights};
 
 pub enum Net {
     Gpt2(Gpt2),
-    Llama(Llama),
+    Llama(Decoder),
     Bert(Bert),
 }
 
@@ -66,7 +66,7 @@ impl Model {
                 return Err(Error::arg("load-time quantization is supported for Llama-family checkpoints only"))
             }
             Arch::Gpt2 => Net::Gpt2(Gpt2::load(&cfg, &weights, dtype, device)?),
-            Arch::Llama => Net::Llama(Llama::load(&cfg, &weights, dtype, device, quant)?),
+            Arch::Llama => Net::Llama(Decoder::load(&cfg, &weights, dtype, device, quant)?),
             Arch::Bert if quant.is_some() => {
                 return Err(Error::arg("load-time quantization is supported for Llama-family checkpoints only"))
             }
@@ -86,7 +86,7 @@ impl Model {
         let tokenizer = Some(Arc::new(g.tokenizer()?));
         let net = match cfg.arch {
             Arch::Gpt2 => Net::Gpt2(Gpt2::load_gguf(&cfg, &g, device)?),
-            _ => Net::Llama(Llama::load_gguf(&cfg, &g, device)?),
+            _ => Net::Llama(Decoder::load_gguf(&cfg, &g, device)?),
         };
         Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype: DType::F32, path: path.to_path_buf() })
     }

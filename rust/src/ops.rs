@@ -29,9 +29,21 @@ pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
 /// Additive causal mask [Tq, Tk]: 0 where key j is visible from query i, -inf after it. With Tq < Tk the queries
 /// are the last Tq positions (decoding with a cache), so query i sits at position Tk - Tq + i.
 pub fn causal_mask(tq: usize, tk: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    window_mask(tq, tk, true, None, dtype, device)
+}
+
+/// Additive mask [Tq, Tk] for query i at position Tk - Tq + i: -inf on keys after it (when `causal`) and on keys
+/// `window` or more positions before it (a sliding window: a query sees itself and the window - 1 keys before).
+pub fn window_mask(tq: usize, tk: usize, causal: bool, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
     let off = tk.saturating_sub(tq);
+    let w = window.unwrap_or(usize::MAX);
     let m: Vec<f32> = (0..tq)
-        .flat_map(|i| (0..tk).map(move |j| if j > i + off { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..tk).map(move |j| {
+                let p = i + off;
+                if (causal && j > p) || (j <= p && p - j >= w) { f32::NEG_INFINITY } else { 0.0 }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(m, (tq, tk), device)?.to_dtype(dtype)?)
 }
@@ -58,6 +70,22 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: Option<f64>,
 ) -> Result<Tensor> {
+    attention_with(q, k, v, causal, mask, scale, None, None)
+}
+
+/// `attention` with a sliding window (query i, at position Tk - Tq + i, sees keys less than `window` positions
+/// before it) and logit soft-capping (scores s -> cap·tanh(s / cap) before the mask, as Gemma does).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    mask: Option<&Tensor>,
+    scale: Option<f64>,
+    window: Option<usize>,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, h, tq, d) = q.dims4()?;
     let (bk, hkv, tk, dk) = k.dims4()?;
     if bk != b || dk != d || v.dims4()? != (b, hkv, tk, d) || hkv == 0 || h % hkv != 0 {
@@ -80,7 +108,13 @@ pub fn attention(
     }
     let rep = h / hkv;
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
-    if let Some(y) = crate::cpu_attention::attention(q, k, v, causal, mask, scale)? {
+    if window == Some(0) || softcap.is_some_and(|c| !(c > 0.0)) {
+        return Err(Error::arg(format!("attention: window must be >= 1 and softcap > 0, got {window:?}, {softcap:?}")));
+    }
+    if tq > tk && window.is_some() {
+        return Err(Error::arg(format!("attention: a sliding window needs Tq <= Tk, got q {:?}, k {:?}", q.dims(), k.dims())));
+    }
+    if let Some(y) = crate::cpu_attention::attention(q, k, v, causal, mask, scale, window, softcap)? {
         return Ok(y); // f32 on CPU: blocked, skipping the keys a causal block cannot see
     }
     // The query heads that share a key/value head are adjacent, so [B, H, Tq, D] reads as
@@ -88,8 +122,11 @@ pub fn attention(
     let qg = (q.contiguous()? * scale)?.reshape((b, hkv, rep * tq, d))?;
     let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
     let mut scores = scores;
-    if causal && tq > 1 {
-        scores = scores.broadcast_add(&causal_mask(tq, tk, scores.dtype(), scores.device())?)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    if (causal && tq > 1) || window.is_some_and(|w| w < tk) {
+        scores = scores.broadcast_add(&window_mask(tq, tk, causal, window, scores.dtype(), scores.device())?)?;
     }
     if let Some(m) = mask {
         scores = scores.broadcast_add(&additive_mask(m, scores.dtype())?)?;
@@ -276,6 +313,37 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<
                 })
                 .collect()
         }
+        RopeScaling::FreqFactors(ref f) => base.iter().zip(f.iter().chain(std::iter::repeat(&1.0))).map(|(b, f)| b / f).collect(),
+        RopeScaling::Yarn { factor, original_max_position_embeddings: old, beta_fast, beta_slow, truncate, .. } => {
+            // transformers' _compute_yarn_parameters: a ramp over the dimensions between the correction range of
+            // beta_fast and beta_slow rotations blends interpolated (f / factor) and extrapolated (f) frequencies
+            let dim = head_dim as f64;
+            let corr = |rot: f64| dim * (old / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+            let (mut low, mut high) = (corr(beta_fast), corr(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            base.iter()
+                .enumerate()
+                .map(|(i, &f)| {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    f / factor * (1.0 - extrapolation) + f * extrapolation
+                })
+                .collect()
+        }
+    }
+}
+
+/// The factor RoPE's cos and sin are multiplied by (YaRN's attention factor; 1 otherwise).
+pub fn rope_attention_factor(scaling: &RopeScaling) -> f64 {
+    match *scaling {
+        RopeScaling::Yarn { attention_factor, .. } => attention_factor,
+        _ => 1.0,
     }
 }
 

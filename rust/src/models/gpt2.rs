@@ -63,7 +63,13 @@ impl Gpt2 {
         }
         let head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings { "lm_head.weight" } else { "wte.weight" };
         let lm_head = Proj::Dense(Linear::new(w.get(head, &[cfg.vocab_size, c], dtype)?, None)?);
-        let approximate_gelu = !matches!(cfg.hidden_act.as_str(), "gelu" | "gelu_exact");
+        let approximate_gelu = match crate::config::activation(&cfg.hidden_act, "config.json")? {
+            crate::config::Act::Gelu => false,
+            crate::config::Act::GeluTanh => true,
+            crate::config::Act::Silu => {
+                return Err(crate::error::Error::ModelLoad("gpt2: activation_function silu is not implemented".into()))
+            }
+        };
         Ok(Self {
             cfg: cfg.clone(),
             wte: w.get("wte.weight", &[cfg.vocab_size, c], act)?,
@@ -134,7 +140,9 @@ impl Gpt2 {
             let v = split_heads(&qkv.narrow(2, 2 * c, c)?, h, d)?;
             let (k, v) = cache.append(i, k, v)?;
             let (q, mask_q) = last_rows(last, t, q, mask)?;
-            let y = ops::attention(&q, &k, &v, mask.is_none(), mask_q.as_ref(), None)?;
+            // scores · 1/√D (scale_attn_weights), and / (i + 1) with scale_attn_by_inverse_layer_idx
+            let scale = self.cfg.attn_scale / if self.cfg.attn_scale_by_layer { (i + 1) as f64 } else { 1.0 };
+            let y = ops::attention(&q, &k, &v, mask.is_none(), mask_q.as_ref(), Some(scale))?;
             if last {
                 x = x.narrow(1, t - 1, 1)?;
             }

@@ -1,8 +1,8 @@
 //! The architectures: plain structs whose `forward` reads top to bottom.
 
 pub mod bert;
+pub mod decoder;
 pub mod gpt2;
-pub mod llama;
 
 use candle_core::{Device, Tensor};
 
