@@ -1,5 +1,10 @@
 """The engine's kernels (Rust, Candle) on NumPy arrays: the same functions as `candlewick.reference.functional`.
 
+Every name here is also a name in candlewick.reference.functional, with the same parameters and the same meaning
+(docs/ops.md has the table; tests/test_ops_names.py checks it); where the Rust function of that name differs
+(crate::ops::causal_mask is additive, crate::ops::gelu takes a bool, crate::ops::rope takes cos/sin tables),
+this module adapts.
+
 The engine computes in float32: every input is cast to float32 (integer ids to int64) and every result is a
 float32 array, or a Python float for a reduced loss. Runs on the CPU; the GIL is released while it computes.
 Bad shapes or values raise `candlewick.InvalidArgument` naming the argument.
@@ -17,7 +22,10 @@ from numpy.typing import ArrayLike, NDArray
 from . import _native
 from .errors import InvalidArgument
 
-__all__ = ["softmax", "log_softmax", "attention", "cross_entropy", "layer_norm", "rms_norm", "gelu", "silu", "rope"]
+__all__ = [
+    "softmax", "log_softmax", "causal_mask", "attention", "cross_entropy", "layer_norm", "rms_norm", "gelu", "silu",
+    "rope",
+]
 
 F32 = NDArray[np.float32]
 
@@ -55,6 +63,27 @@ def softmax(x: ArrayLike, axis: int = -1) -> F32:
 def log_softmax(x: ArrayLike, axis: int = -1) -> F32:
     """log softmax(x)_i = x_i - logsumexp(x) along `axis`."""
     return _native.ops_log_softmax(_f32("x", x), _int("axis", axis))
+
+
+def causal_mask(Tq: int, Tk: int) -> NDArray[np.bool_]:
+    """Boolean [Tq, Tk], True = may attend: the queries are the last Tq of the Tk positions (decoding with a
+    cache), so query i sees keys j <= Tk - Tq + i. Needs Tq <= Tk, as causal `attention` does.
+
+    This is the mask the engine's attention applies when causal, read off its kernel (uniform scores, one-hot
+    values: the output is the attention pattern itself). The Rust crate::ops::causal_mask is its additive form,
+    0 where this is True and -inf where it is False."""
+    tq, tk = _int("Tq", Tq), _int("Tk", Tk)
+    if tq < 0 or tk < 0:
+        raise InvalidArgument(f"causal_mask: Tq and Tk must be >= 0, got {tq} and {tk}")
+    if tq > tk:
+        raise InvalidArgument(f"causal_mask: more queries ({tq}) than keys ({tk})")
+    if tq == 0 or tk == 0:
+        return np.zeros((tq, tk), dtype=np.bool_)
+    zeros_q = np.zeros((1, 1, tq, tk), dtype=np.float32)                 # q·kᵀ = 0: every allowed key weighs alike
+    zeros_k = np.zeros((1, 1, tk, tk), dtype=np.float32)
+    one_hot = np.eye(tk, dtype=np.float32)[None, None]                   # value j is e_j
+    pattern = _native.ops_attention(zeros_q, zeros_k, one_hot, True, None, None)  # [1, 1, Tq, Tk]
+    return pattern[0, 0] > 0
 
 
 def attention(
