@@ -358,3 +358,15 @@ def test_embeddings(minilm):
         assert e.value.body["param"] == "dimensions"
     finally:
         s.stop()
+
+
+def test_server_imports_nothing_from_the_reference():
+    """The server runs on the engine alone: candlewick.reference is the oracle, not a library for the engine."""
+    import subprocess
+    import sys
+
+    code = ("import sys, candlewick.server; "
+            "print(sorted(m for m in sys.modules if m.startswith('candlewick.reference')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

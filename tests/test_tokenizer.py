@@ -178,3 +178,44 @@ def test_template_raise_exception_is_invalid_argument(llama):
     tpl = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}"
     with pytest.raises(cw.InvalidArgument, match="first message must be user"):
         llama.apply_chat_template([{"role": "system", "content": "x"}], chat_template=tpl)
+
+
+def test_token_bytes(gpt2, llama):
+    """A token's bytes: byte-level BPE tokens that hold part of a character give their raw bytes, which join to
+    the text's UTF-8; whole-character tokens give the UTF-8 of their text."""
+    for tok, text in [(gpt2, "👋 héllo, 世界"), (llama, "héllo 👋")]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    first, second = gpt2.encode("👋")
+    assert gpt2.token_bytes(first) == "👋".encode("utf-8")[:len(gpt2.token_bytes(first))]
+    assert gpt2.token_bytes(first) + gpt2.token_bytes(second) == "👋".encode("utf-8")
+    assert gpt2.token_bytes(50256) == b"<|endoftext|>"
+
+
+def test_token_bytes_of_a_byte_fallback_token():
+    """SentencePiece's <0xE2>-style tokens stand for one byte (their decoded text alone is U+FFFD)."""
+    class Native:  # the two calls token_bytes makes, as a SentencePiece tokenizer answers them
+        def decode(self, ids, skip_special_tokens):
+            return "\ufffd"
+
+        def id_to_token(self, token_id):
+            return "<0xE2>"
+
+    assert cw.Tokenizer(Native()).token_bytes(7) == b"\xe2"
+
+
+def test_chat_template_sees_additional_special_tokens(tmp_path):
+    """As transformers passes them: the list of tokenizer_config.json's additional_special_tokens."""
+    shutil.copytree(DATA / "llama-tiny", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    cfg["additional_special_tokens"] = ["<s>", {"content": "</s>"}]
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tpl = "{{ additional_special_tokens | join(',') }}|{{ tools is none }}|{{ bos_token }}"
+    msgs = [{"role": "user", "content": "x"}]
+    assert cw.Tokenizer.from_pretrained(tmp_path / "m").apply_chat_template(msgs, chat_template=tpl) == \
+        "<s>,</s>|True|<s>"
+    from candlewick.reference.tokenizer import Tokenizer as Reference
+
+    ref = Reference.from_pretrained(tmp_path / "m")
+    ref.chat_template = tpl
+    assert ref.apply_chat_template(msgs) == "<s>,</s>|True|<s>"
