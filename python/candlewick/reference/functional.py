@@ -184,6 +184,9 @@ def silu(x) -> np.ndarray:
 
 # --- rotary position embedding ----------------------------------------------------------------------------------
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # what rope_inv_freq computes; others are refused by name
+
+
 def rope_inv_freq(head_dim: int, theta=10000.0, scaling=None) -> np.ndarray:
     """Inverse frequencies of RoPE: ω_i = θ^(-2i/D), i = 0 .. D/2-1, then rescaled as `scaling` says.
 
@@ -193,9 +196,15 @@ def rope_inv_freq(head_dim: int, theta=10000.0, scaling=None) -> np.ndarray:
       "llama3" (factor f, low_freq_factor l, high_freq_factor h, original_max_position_embeddings L):
         wavelength λ = 2π/ω; λ < L/h: unchanged; λ > L/l: ω/f; in between: (1-s) ω/f + s ω
         with s = (L/λ - l) / (h - l).
+      "yarn" (factor f, original_max_position_embeddings L, beta_fast 32, beta_slow 1, truncate true):
+        dimension pair i keeps ω_i while it turns more than beta_fast times within L, takes ω_i / f while it
+        turns fewer than beta_slow times, and in between blends them along a linear ramp r_i from 0 to 1:
+        ω_i (1 - r_i) + (ω_i / f) r_i.  The pair that turns n times within L is d(n) = D ln(L / 2πn) / (2 ln θ);
+        the ramp runs from floor(d(beta_fast)) to ceil(d(beta_slow)) (no rounding when truncate is false),
+        clipped to [0, D-1]. The cos and sin are then scaled by `rope_attention_factor` (`rope` does it).
     Returns [D/2]."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))  # [D/2]
-    kind = "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_type(scaling)
     if kind == "default":
         return inv_freq
     if kind == "linear":
@@ -209,7 +218,44 @@ def rope_inv_freq(head_dim: int, theta=10000.0, scaling=None) -> np.ndarray:
         smoothed = (1 - s) * scaled / f + s * scaled
         medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         return np.where(medium, smoothed, scaled)
-    raise NotImplementedError(f"rope: rope_type {kind!r} (supported: default, linear, llama3)")
+    if kind == "yarn":
+        f, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def pair_turning(n):  # the dimension pair whose wavelength fits n times into old_len
+            return head_dim * math.log(old_len / (n * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = pair_turning(fast), pair_turning(slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        ramp = np.clip((np.arange(head_dim // 2) - low) / (high - low), 0.0, 1.0)  # [D/2]: 0 keep ω, 1 take ω/f
+        return inv_freq * (1 - ramp) + inv_freq / f * ramp
+    raise NotImplementedError(f"rope: rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+
+
+def rope_type(scaling) -> str:
+    """The rope dict's `rope_type` (or the older `type`); "default" for no dict."""
+    return "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def rope_attention_factor(scaling) -> float:
+    """The factor YaRN multiplies cos and sin by (so q·k by its square): `attention_factor` when given, else
+    0.1 ln f + 1 (1 when f <= 1), or with `mscale` m and `mscale_all_dim` a (DeepSeek):
+    (0.1 m ln f + 1) / (0.1 a ln f + 1). Every other rope type: 1."""
+    if rope_type(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    f = scaling["factor"]
+
+    def mscale(m=1.0):
+        return 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return mscale(m) / mscale(m_all) if m and m_all else mscale()
 
 
 def rotate_half(x) -> np.ndarray:
@@ -221,6 +267,7 @@ def rotate_half(x) -> np.ndarray:
 def rope(x, positions, *, theta=10000.0, scaling=None) -> np.ndarray:
     """RoPE: turn each pair (x_i, x_{i+D/2}) by the angle p·ω_i, p the token's position:
     x' = x cos(pω) + rotate_half(x) sin(pω), so q·k depends only on the distance between positions.
+    (YaRN also scales cos and sin by its `rope_attention_factor`.)
 
     x [B, H, T, D] (or [..., T, D]); positions [T] or [B, T] integers. Returns the same shape as x."""
     x = _f64(x)
@@ -230,4 +277,5 @@ def rope(x, positions, *, theta=10000.0, scaling=None) -> np.ndarray:
     angles = np.concatenate([angles, angles], axis=-1)                       # [(B,) T, D]
     if pos.ndim == 2:
         angles = angles[:, None]                                             # [B, 1, T, D]
-    return x * np.cos(angles) + rotate_half(x) * np.sin(angles)
+    m = rope_attention_factor(scaling)
+    return x * (np.cos(angles) * m) + rotate_half(x) * (np.sin(angles) * m)
