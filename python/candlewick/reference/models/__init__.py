@@ -15,9 +15,13 @@ import numpy as np
 from .. import generate as generation
 from ..functional import cross_entropy
 from ..tokenizer import Tokenizer
-from . import bert, gpt2, llama
+from . import bert, gemma3, gpt2, gptneox, llama, phi3, qwen3, smollm3
+from ._common import check_fields
 
-ARCHITECTURES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert}
+# model_type -> the module with its Config, load_params, hidden_states (and final_logits where the head is more
+# than a matrix). Mistral and Qwen2 are Llama with a few flags; the fields each reads: architectures.json.
+ARCHITECTURES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": qwen3,
+                 "gemma3_text": gemma3, "phi3": phi3, "smollm3": smollm3, "gpt_neox": gptneox, "bert": bert}
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -72,7 +76,8 @@ def _read_json(path: Path) -> dict:
 
 
 def load(path) -> "CausalLM | Encoder":
-    """Read a Hugging Face-style folder: GPT-2, Llama / Mistral / Qwen2 (causal LMs) or BERT (an encoder)."""
+    """Read a Hugging Face-style folder: a causal LM of ARCHITECTURES or BERT (an encoder). A config field that
+    changes the maths and that the architecture does not implement (architectures.json) is refused by name."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}")
@@ -82,6 +87,7 @@ def load(path) -> "CausalLM | Encoder":
         raise NotImplementedError(f"{folder / 'config.json'}: model_type {model_type!r} "
                                   f"(the reference knows {', '.join(ARCHITECTURES)})")
     module = ARCHITECTURES[model_type]
+    check_fields(raw, model_type, folder / "config.json")
     config = module.Config.from_dict(raw)
     params = module.load_params(load_weights(folder), config)
     tokenizer = Tokenizer.from_pretrained(folder)
@@ -127,10 +133,15 @@ class CausalLM:
             for b, r in enumerate(rows):
                 out[b, :len(r)] = r
             return out
-        return self.hidden_states(ids) @ self.params["lm_head"].T           # [T, C] @ [C, V] -> [T, V]
+        return self.head(self.hidden_states(ids))                           # [T, C] -> [T, V]
 
     def next_logits(self, ids) -> np.ndarray:  # [T] -> [V], the logits after the last token only
-        return self.hidden_states(ids)[-1] @ self.params["lm_head"].T
+        return self.head(self.hidden_states(ids)[-1])
+
+    def head(self, hidden) -> np.ndarray:  # [..., C] -> [..., V]
+        """hidden Wᵀ with W = lm_head, or the architecture's own final_logits (Gemma soft-caps them)."""
+        final = getattr(self.module, "final_logits", None)
+        return final(self.params, self.config, hidden) if final else hidden @ self.params["lm_head"].T
 
     def token_nll(self, text_or_ids) -> np.ndarray:
         """-log p(x[t+1] | x[..t]) for t = 0 .. T-2: float64 [T-1]."""

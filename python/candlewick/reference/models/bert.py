@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..functional import attention, gelu, layer_norm, linear
-
-ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+from ..functional import attention, layer_norm, linear
+from ._common import Weights, activation, merge_heads, split_heads
 
 
 @dataclass
@@ -38,10 +37,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        if d.get("position_embedding_type", "absolute") != "absolute":
-            raise NotImplementedError(f"bert: position_embedding_type {d['position_embedding_type']!r}")
-        if d.get("hidden_act", "gelu") not in ACTIVATIONS:
-            raise NotImplementedError(f"bert: hidden_act {d['hidden_act']!r}")
+        activation(d.get("hidden_act", "gelu"), "bert")  # position_embedding_type: models.check_fields
         return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                    num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
                    intermediate_size=d["intermediate_size"], max_position_embeddings=d["max_position_embeddings"],
@@ -53,18 +49,11 @@ class Config:
 def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. The `bert.` prefix is optional; the pooler,
     the MLM head and `embeddings.position_ids` are not used."""
-    w = {k.removeprefix("bert."): v for k, v in w.items()}
-    C, F = cfg.hidden_size, cfg.intermediate_size
-
-    def take(name, shape):
-        if name not in w:
-            raise ValueError(f"bert: weight {name!r} is missing from the checkpoint")
-        if w[name].shape != shape:
-            raise ValueError(f"bert: weight {name!r} has shape {w[name].shape}, expected {shape}")
-        return w[name]
+    w = Weights(w, "bert", prefix="bert.")
+    take, C, F = w.take, cfg.hidden_size, cfg.intermediate_size
 
     def dense(name, out_dim, in_dim):
-        return take(name + ".weight", (out_dim, in_dim)), take(name + ".bias", (out_dim,))
+        return w.linear(name, out_dim, in_dim, True)
 
     def norm(name):
         return {"weight": take(name + ".weight", (C,)), "bias": take(name + ".bias", (C,))}
@@ -85,16 +74,6 @@ def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
             "embed_norm": norm(e + "LayerNorm"), "layers": [layer(i) for i in range(cfg.num_hidden_layers)]}
 
 
-def split_heads(x, n_head):  # [B, T, C] -> [B, H, T, D]
-    B, T, C = x.shape
-    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
-
-
-def merge_heads(x):  # [B, H, T, D] -> [B, T, C]
-    B, H, T, D = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
-
-
 def self_attention(x, p, cfg: Config, keep):  # [B, T, C], keep [B, 1, 1, T] -> [B, T, C]
     q, k, v = (split_heads(linear(x, *p[n]), cfg.num_attention_heads) for n in ("query", "key", "value"))
     y = attention(q, k, v, causal=False, mask=keep)                          # [B, H, T, D]
@@ -102,7 +81,7 @@ def self_attention(x, p, cfg: Config, keep):  # [B, T, C], keep [B, 1, 1, T] -> 
 
 
 def ffn(x, p, cfg: Config):  # [B, T, C] -> [B, T, C]
-    return linear(gelu(linear(x, *p["intermediate"]), approximate=ACTIVATIONS[cfg.hidden_act]), *p["output"])
+    return linear(activation(cfg.hidden_act, "bert")(linear(x, *p["intermediate"])), *p["output"])
 
 
 def encoder_layer(x, p, cfg: Config, keep):  # [B, T, C] -> [B, T, C]

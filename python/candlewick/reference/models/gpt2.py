@@ -2,6 +2,8 @@
 
     x = wte[ids] + wpe[0..T-1]
     for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+      attn: softmax(q kᵀ · s + causal) v, s = 1/√D (1 with scale_attn_weights false), divided by layer + 1 more
+            with scale_attn_by_inverse_layer_idx
     logits = ln_f(x) Wteᵀ          (the head is tied to the token embedding)
 Shape legend: B batch, T tokens, C channels (n_embd), H heads, D head dim (C / H), V vocabulary.
 """
@@ -11,9 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..functional import attention, gelu, layer_norm
-
-ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+from ..functional import attention, layer_norm
+from ._common import Weights, activation, merge_heads, split_heads
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Config:
     n_inner: int                       # MLP width, 4 * n_embd unless the config says
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
+    scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
@@ -39,13 +41,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        if d.get("activation_function", "gelu_new") not in ACTIVATIONS:
-            raise NotImplementedError(f"gpt2: activation_function {d['activation_function']!r}")
+        activation(d.get("activation_function", "gelu_new"), "gpt2", "activation_function")
         return cls(vocab_size=d["vocab_size"], n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
                    n_embd=d["n_embd"], n_layer=d["n_layer"], n_head=d["n_head"],
                    n_inner=d.get("n_inner") or 4 * d["n_embd"],
                    layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
                    activation_function=d.get("activation_function", "gelu_new"),
+                   scale_attn_weights=d.get("scale_attn_weights", True),
                    scale_attn_by_inverse_layer_idx=d.get("scale_attn_by_inverse_layer_idx", False),
                    tie_word_embeddings=d.get("tie_word_embeddings", True),
                    bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
@@ -55,15 +57,8 @@ class Config:
 def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. The `transformer.` prefix is optional; Conv1D
     weights stay [in, out] as stored, so a layer is x @ w + b. A missing lm_head.weight means a tied head."""
-    w = {k.removeprefix("transformer."): v for k, v in w.items()}
-    C, V, F = cfg.n_embd, cfg.vocab_size, cfg.n_inner
-
-    def take(name, shape):
-        if name not in w:
-            raise ValueError(f"gpt2: weight {name!r} is missing from the checkpoint")
-        if w[name].shape != shape:
-            raise ValueError(f"gpt2: weight {name!r} has shape {w[name].shape}, expected {shape}")
-        return w[name]
+    w = Weights(w, "gpt2", prefix="transformer.")
+    take, C, V, F = w.take, cfg.n_embd, cfg.vocab_size, cfg.n_inner
 
     def block(i):
         h = f"h.{i}."
@@ -76,31 +71,16 @@ def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
                 "mlp_proj": {"w": take(h + "mlp.c_proj.weight", (F, C)), "b": take(h + "mlp.c_proj.bias", (C,))}}
 
     wte = take("wte.weight", (V, C))
-    if "lm_head.weight" in w:
-        lm_head = take("lm_head.weight", (V, C))
-    elif cfg.tie_word_embeddings:
-        lm_head = wte
-    else:
-        raise ValueError("gpt2: lm_head.weight is missing and tie_word_embeddings is false")
+    lm_head = w.lm_head("lm_head.weight", wte, cfg.tie_word_embeddings)
     return {"wte": wte, "wpe": take("wpe.weight", (cfg.n_positions, C)),
             "blocks": [block(i) for i in range(cfg.n_layer)],
             "ln_f": {"weight": take("ln_f.weight", (C,)), "bias": take("ln_f.bias", (C,))}, "lm_head": lm_head}
 
 
-def split_heads(x, n_head):  # [B, T, C] -> [B, H, T, D]
-    B, T, C = x.shape
-    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
-
-
-def merge_heads(x):  # [B, H, T, D] -> [B, T, C]
-    B, H, T, D = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
-
-
 def mha(x, p, cfg: Config, layer: int):  # [B, T, C] -> [B, T, C]
     qkv = x @ p["c_attn"]["w"] + p["c_attn"]["b"]                           # [B, T, 3C]
     q, k, v = (split_heads(a, cfg.n_head) for a in np.split(qkv, 3, axis=-1))  # 3 x [B, H, T, D]
-    scale = 1.0 / np.sqrt(q.shape[-1])
+    scale = 1.0 / np.sqrt(q.shape[-1]) if cfg.scale_attn_weights else 1.0
     if cfg.scale_attn_by_inverse_layer_idx:
         scale /= layer + 1
     y = attention(q, k, v, causal=True, scale=scale)                          # [B, H, T, D]
@@ -108,8 +88,8 @@ def mha(x, p, cfg: Config, layer: int):  # [B, T, C] -> [B, T, C]
 
 
 def mlp(x, p, cfg: Config):  # [B, T, C] -> [B, T, C]
-    h = gelu(x @ p["c_fc"]["w"] + p["c_fc"]["b"], approximate=ACTIVATIONS[cfg.activation_function])  # [B, T, 4C]
-    return h @ p["mlp_proj"]["w"] + p["mlp_proj"]["b"]                                                # [B, T, C]
+    h = activation(cfg.activation_function, "gpt2")(x @ p["c_fc"]["w"] + p["c_fc"]["b"])  # [B, T, 4C]
+    return h @ p["mlp_proj"]["w"] + p["mlp_proj"]["b"]                                    # [B, T, C]
 
 
 def block(x, p, cfg: Config, layer: int):  # [B, T, C] -> [B, T, C]
