@@ -153,3 +153,131 @@ def write_gpt2_gguf(folder: Path, out: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _writer_with_shape(cfg: dict, arch: str, out: Path, head_dim: int) -> gguf.GGUFWriter:
+    """The hyperparameters every converted decoder carries (convert_hf_to_gguf.py's TextModel)."""
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    if "head_dim" in cfg:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    return writer
+
+
+def write_decoder_gguf(folder: Path, out: Path, qtype: gguf.GGMLQuantizationType | None = None) -> Path:
+    """Qwen3, Gemma 3, Phi-3, GPT-NeoX and Llama 3 (rope_freqs) checkpoints as convert_hf_to_gguf.py writes them:
+    llama.cpp's tensor names; Llama's q/k permuted for interleaved RoPE (the others keep rotate_half); Gemma's
+    norm weights stored as 1 + w; GPT-NeoX's per-head query_key_value reordered to [q | k | v]; Phi-3's fused
+    qkv_proj and gate_up_proj kept fused (attn_qkv, ffn_up); Llama 3.1 scaling as a rope_freqs tensor."""
+    import math
+
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    w = load_file(folder / "model.safetensors")
+    mt = cfg["model_type"]
+    arch = {"gemma3_text": "gemma3", "gpt_neox": "gptneox"}.get(mt, mt)
+    h = cfg["num_attention_heads"]
+    hkv = cfg.get("num_key_value_heads") or h
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // h
+    rope = cfg.get("rope_parameters") or {}
+    writer = _writer_with_shape(cfg, arch, out, head_dim)
+    if mt == "gpt_neox":
+        writer.add_layer_norm_eps(cfg["layer_norm_eps"])
+        writer.add_bool(gguf.Keys.LLM.USE_PARALLEL_RESIDUAL.format(arch=arch), cfg["use_parallel_residual"])
+    else:
+        writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if mt == "gemma3_text":
+        writer.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+        writer.add_sliding_window(cfg["sliding_window"])
+    else:
+        writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    writer.add_rope_dimension_count(int(head_dim * partial))
+    add_bpe_tokenizer(writer, tok, "gpt2")
+    writer.add_bos_token_id(cfg["bos_token_id"])
+    writer.add_eos_token_id(cfg["eos_token_id"])
+
+    def add(name: str, arr: np.ndarray):
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if qtype is not None and arr.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, arr)
+
+    norm = (lambda a: a + 1.0) if mt == "gemma3_text" else (lambda a: a)
+    if mt == "gpt_neox":
+        c = cfg["hidden_size"]
+        add("token_embd.weight", w["gpt_neox.embed_in.weight"])
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"gpt_neox.layers.{i}"
+            qkv_w = w[f"{p}.attention.query_key_value.weight"].reshape(h, 3, head_dim, c)
+            qkv_b = w[f"{p}.attention.query_key_value.bias"].reshape(h, 3, head_dim)
+            tensors = {"attn_norm": f"{p}.input_layernorm", "attn_output": f"{p}.attention.dense",
+                       "ffn_norm": f"{p}.post_attention_layernorm", "ffn_up": f"{p}.mlp.dense_h_to_4h",
+                       "ffn_down": f"{p}.mlp.dense_4h_to_h"}
+            add(f"blk.{i}.attn_qkv.weight", np.concatenate([qkv_w[:, j].reshape(-1, c) for j in range(3)]))
+            add(f"blk.{i}.attn_qkv.bias", np.concatenate([qkv_b[:, j].reshape(-1) for j in range(3)]))
+            for ours, theirs in tensors.items():
+                add(f"blk.{i}.{ours}.weight", w[f"{theirs}.weight"])
+                add(f"blk.{i}.{ours}.bias", w[f"{theirs}.bias"])
+        add("output_norm.weight", w["gpt_neox.final_layer_norm.weight"])
+        add("output_norm.bias", w["gpt_neox.final_layer_norm.bias"])
+        add("output.weight", w["embed_out.weight"])
+    else:
+        add("token_embd.weight", w["model.embed_tokens.weight"])
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            if mt == "phi3":
+                add(f"blk.{i}.attn_qkv.weight", w[f"{p}.self_attn.qkv_proj.weight"])
+                add(f"blk.{i}.ffn_up.weight", w[f"{p}.mlp.gate_up_proj.weight"])
+            else:
+                q, k = w[f"{p}.self_attn.q_proj.weight"], w[f"{p}.self_attn.k_proj.weight"]
+                if arch == "llama":
+                    q, k = permute(q, h), permute(k, hkv)
+                add(f"blk.{i}.attn_q.weight", q)
+                add(f"blk.{i}.attn_k.weight", k)
+                add(f"blk.{i}.attn_v.weight", w[f"{p}.self_attn.v_proj.weight"])
+                add(f"blk.{i}.ffn_gate.weight", w[f"{p}.mlp.gate_proj.weight"])
+                add(f"blk.{i}.ffn_up.weight", w[f"{p}.mlp.up_proj.weight"])
+            if f"{p}.self_attn.q_norm.weight" in w:
+                add(f"blk.{i}.attn_q_norm.weight", norm(w[f"{p}.self_attn.q_norm.weight"]))
+                add(f"blk.{i}.attn_k_norm.weight", norm(w[f"{p}.self_attn.k_norm.weight"]))
+            add(f"blk.{i}.attn_output.weight", w[f"{p}.self_attn.o_proj.weight"])
+            add(f"blk.{i}.attn_norm.weight", norm(w[f"{p}.input_layernorm.weight"]))
+            if mt == "gemma3_text":
+                add(f"blk.{i}.post_attention_norm.weight", norm(w[f"{p}.post_attention_layernorm.weight"]))
+                add(f"blk.{i}.ffn_norm.weight", norm(w[f"{p}.pre_feedforward_layernorm.weight"]))
+                add(f"blk.{i}.post_ffw_norm.weight", norm(w[f"{p}.post_feedforward_layernorm.weight"]))
+            else:
+                add(f"blk.{i}.ffn_norm.weight", w[f"{p}.post_attention_layernorm.weight"])
+            add(f"blk.{i}.ffn_down.weight", w[f"{p}.mlp.down_proj.weight"])
+        add("output_norm.weight", norm(w["model.norm.weight"]))
+        if "lm_head.weight" in w and not cfg.get("tie_word_embeddings"):
+            add("output.weight", w["lm_head.weight"])
+    if rope.get("rope_type") == "llama3":
+        # LlamaModel.generate_extra_tensors: the per-dimension divisors of the frequencies
+        base, dim = rope["rope_theta"], head_dim
+        factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = rope["original_max_position_embeddings"]
+        factors = []
+        for f in 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim):
+            wavelen = 2 * math.pi / f
+            if wavelen < old / hi:
+                factors.append(1.0)
+            elif wavelen > old / lo:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        writer.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
