@@ -1,4 +1,5 @@
-"""candlewick.reference models against the float64 fixtures (tests/data): logits, token NLL, greedy tokens, MiniLM."""
+"""candlewick.reference models against the float64 fixtures (tests/data): logits, token NLL, greedy tokens, MiniLM.
+The config fields each architecture accepts or refuses: test_reference_fields.py."""
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 from candlewick.reference import load
 
 DATA = Path(__file__).parent / "data"
-DECODERS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny"]
+DECODERS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny", "qwen3-tiny", "gemma3-tiny", "phi3-tiny", "llama3-rope-tiny",
+            "mistral-sw-tiny", "smollm3-tiny", "gptneox-tiny"]
 ATOL = 1e-6  # DESIGN.md: reference logits within 1e-6 of the exact figures
 
 
@@ -152,6 +154,69 @@ def test_mistral_sliding_window(tmp_path):
     got = narrow.logits(ids)
     np.testing.assert_allclose(got[:4], full[:4], rtol=0, atol=ATOL)
     assert np.abs(got[4:] - full[4:]).max(axis=-1).min() > 1e-6  # every later position changes
+
+
+@pytest.mark.parametrize("name, full_attention, window", [
+    ("mistral-sw-tiny", lambda c: c.update(sliding_window=None), 5),
+    ("gemma3-tiny", lambda c: c.update(sliding_window=256), 6),  # layer_types kept: they choose the RoPE base too
+])
+def test_the_fixtures_window_matters(tmp_path, name, full_attention, window):
+    """The sliding-window fixtures cannot pass by accident: the same checkpoint with full attention gives the same
+    logits for the first `window` positions (nothing is cut there yet) and different ones at every later position."""
+    z = np.load(DATA / name / "reference.npz")
+    full = load(copy_checkpoint(DATA / name, tmp_path / "full", config_edit=full_attention))
+    for i, ids in prompts(z):
+        assert len(ids) > window
+        got, expected = full.logits(ids), z[f"prompt{i}_logits"]
+        np.testing.assert_allclose(got[:window], expected[:window], rtol=0, atol=ATOL)
+        assert np.abs(got[window:] - expected[window:]).max(axis=-1).min() > 1e-4
+
+
+def test_gemma3_layers_use_their_own_rope_base(tmp_path):
+    """Layers 0-1 are local (theta 1e4), layer 2 global (1e6): giving both types one base changes the logits."""
+    def one_base(c):
+        c["rope_parameters"]["sliding_attention"]["rope_theta"] = 1_000_000.0
+
+    z = np.load(DATA / "gemma3-tiny" / "reference.npz")
+    model = load(copy_checkpoint(DATA / "gemma3-tiny", tmp_path / "g", config_edit=one_base))
+    assert np.abs(model.logits(z["prompt1_ids"]) - z["prompt1_logits"]).max() > 1e-3
+
+
+def test_smollm3_nope_layer_has_no_rope(tmp_path):
+    """no_rope_layers [1, 1, 1, 0]: with RoPE on layer 3 too the logits change; the model's hidden states before
+    layer 3 stay the same."""
+    z = np.load(DATA / "smollm3-tiny" / "reference.npz")
+    ids = z["prompt2_ids"]
+    all_rope = load(copy_checkpoint(DATA / "smollm3-tiny", tmp_path / "s",
+                                    config_edit=lambda c: c.update(no_rope_layers=[1, 1, 1, 1])))
+    nope = load(DATA / "smollm3-tiny")
+    assert [r is None for r in nope.config.ropes] == [False, False, False, True]
+    a, b = nope.all_hidden_states(ids), all_rope.all_hidden_states(ids)
+    for layer in range(3):
+        np.testing.assert_array_equal(a[layer], b[layer])
+    assert np.abs(all_rope.logits(ids) - z["prompt2_logits"]).max() > 1e-3
+
+
+def test_gptneox_qkv_is_interleaved_per_head(tmp_path):
+    """query_key_value's output rows are [head 0: q, k, v | head 1: q, k, v | ...]: reading them as [all q | all k |
+    all v] instead (permuting the rows to that layout) changes the logits, and permuting them back restores them."""
+    H, D = 4, 16
+
+    def per_head_to_blocks(rows):  # [H * 3 * D, ...] (h, j, d) -> (j, h, d)
+        return rows.reshape(H, 3, D, *rows.shape[1:]).swapaxes(0, 1).reshape(rows.shape)
+
+    def blocks_to_per_head(rows):
+        return rows.reshape(3, H, D, *rows.shape[1:]).swapaxes(0, 1).reshape(rows.shape)
+
+    def permute(fn):
+        return lambda w: {k: fn(v) if "query_key_value" in k else v for k, v in w.items()}
+
+    z = np.load(DATA / "gptneox-tiny" / "reference.npz")
+    ids = z["prompt0_ids"]
+    wrong = load(copy_checkpoint(DATA / "gptneox-tiny", tmp_path / "w", weight_edit=permute(per_head_to_blocks)))
+    assert np.abs(wrong.logits(ids) - z["prompt0_logits"]).max() > 1e-3
+    back = load(copy_checkpoint(tmp_path / "w", tmp_path / "b", weight_edit=permute(blocks_to_per_head)))
+    np.testing.assert_allclose(back.logits(ids), z["prompt0_logits"], rtol=0, atol=ATOL)
 
 
 def test_gpt2_without_transformer_prefix(tmp_path):
