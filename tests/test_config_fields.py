@@ -119,3 +119,45 @@ def test_gpt2_inverse_layer_idx_scaling_matches_reference(tmp_path):
 def test_multimodal_gemma3_points_to_the_text_model(tmp_path):
     with pytest.raises(cw.ModelLoadError, match="gemma3_text"):
         cw.load(with_config(tmp_path, "gemma3-tiny", model_type="gemma3"))
+
+
+PARITY = [
+    ("qwen2-tiny", dict(sliding_window=3, use_sliding_window=True, max_window_layers=1, layer_types=DELETE)),
+    ("qwen3-tiny", dict(sliding_window=4, use_sliding_window=True, layer_types=["full_attention", "sliding_attention"])),
+    ("qwen3-tiny", dict(use_sliding_window=False, layer_types=["sliding_attention"] * 2)),  # no window: refused
+    ("mistral-sw-tiny", dict(sliding_window=DELETE)),  # transformers' default window, 4096
+    ("mistral-sw-tiny", dict(sliding_window=3, layer_types=["full_attention"] * 2)),  # Mistral ignores layer_types
+    ("gemma3-tiny", dict(layer_types=DELETE, sliding_window_pattern=2)),
+    ("gemma3-tiny", dict(attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    ("gemma3-tiny", dict(query_pre_attn_scalar=7.0)),
+    ("smollm3-tiny", dict(sliding_window=3, use_sliding_window=True, layer_types=DELETE)),
+    ("smollm3-tiny", dict(no_rope_layers=DELETE, no_rope_layer_interval=2)),
+    ("phi3-tiny", dict(sliding_window=4)),
+    ("gptneox-tiny", dict(use_parallel_residual=False)),
+    ("gpt2-tiny", dict(scale_attn_weights=False)),
+    ("llama-tiny", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                         "rope_theta": 10000.0})),
+    ("llama-tiny", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "beta_fast": 8,
+                                         "beta_slow": 2, "truncate": False, "mscale": 2.0, "mscale_all_dim": 1.0,
+                                         "original_max_position_embeddings": 32})),
+    ("llama-tiny", dict(rope_scaling={"type": "linear", "factor": 3.0}, rope_parameters=DELETE, rope_theta=500.0)),
+]
+
+
+@pytest.mark.parametrize("name,changes", PARITY)
+def test_engine_and_reference_agree_on_edited_configs(tmp_path, name, changes):
+    """The engine and the exact reference read every edited config alike: both refuse it, or both load it and
+    their logits agree to float32 precision (1e-4)."""
+    from candlewick import reference
+
+    path = with_config(tmp_path, name, **changes)
+    z = np.load(DATA / name / "reference.npz")
+    ids = [int(t) for t in z["prompt3_ids"]]
+    try:
+        want = reference.load(path).logits(ids)
+    except (NotImplementedError, ValueError) as e:
+        with pytest.raises(cw.ModelLoadError):
+            cw.load(path)
+        return
+    got = cw.load(path).logits(ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

@@ -210,15 +210,10 @@ fn rope_scaling(obj: Option<&Value>, file: &str, max_pos: usize) -> Result<RopeS
             original_max_position_embeddings: r.f64_or(&["original_max_position_embeddings"], 8192.0)?,
         },
         "yarn" => {
-            let mut factor = r.f64_or(&["factor"], 1.0)?;
-            // as transformers: with original_max_position_embeddings given, the factor is the context ratio
-            let original = match r.opt_f64(&["original_max_position_embeddings"])? {
-                Some(o) => {
-                    factor = max_pos as f64 / o;
-                    o
-                }
-                None => max_pos as f64,
-            };
+            // as transformers 5: original_max_position_embeddings defaults to the context; a missing factor
+            // is their ratio
+            let original = r.f64_or(&["original_max_position_embeddings"], max_pos as f64)?;
+            let factor = r.f64_or(&["factor"], max_pos as f64 / original)?;
             let attention_factor = match r.opt_f64(&["attention_factor"])? {
                 Some(a) => a,
                 None => match (r.opt_f64(&["mscale"])?, r.opt_f64(&["mscale_all_dim"])?) {
@@ -262,6 +257,21 @@ pub enum Act {
     Silu,
     Gelu,
     GeluTanh,
+}
+
+/// SmolLM3's NoPE layers: no_rope_layers[i] == 0, or every no_rope_layer_interval-th layer (default 4).
+fn no_rope_layers(r: &Reader, mt: &str, num_layers: usize, file: &str) -> Result<Vec<bool>> {
+    if mt != "smollm3" {
+        return Ok(vec![false; num_layers]);
+    }
+    Ok(match r.v.get("no_rope_layers").and_then(Value::as_array) {
+        Some(a) if a.len() == num_layers => a.iter().map(|x| x.as_u64() == Some(0)).collect(),
+        Some(a) => return Err(Error::ModelLoad(format!("{file}: no_rope_layers has {} entries for {num_layers} layers", a.len()))),
+        None => {
+            let k = r.usize_or(&["no_rope_layer_interval"], 4)?;
+            (0..num_layers).map(|i| k > 0 && (i + 1) % k == 0).collect()
+        }
+    })
 }
 
 impl Config {
@@ -320,9 +330,21 @@ impl Config {
                 Arch::Bert => 512,
             },
         )?;
-        // Layer types: explicit, or derived as each architecture's transformers config derives them.
-        let window = r.opt_usize(&["sliding_window"])?;
-        let layer_types: Vec<String> = match v.get("layer_types").and_then(Value::as_array) {
+        // Sliding windows, as each architecture's transformers config decides them: the window (a missing
+        // sliding_window defaults to 4096 where transformers' config has that default), then which layers use it
+        // (layer_types, or derived when absent).
+        let window = match v.get("sliding_window") {
+            None if matches!(mt, "mistral" | "qwen2" | "qwen3" | "gemma3_text") => Some(4096),
+            _ => r.opt_usize(&["sliding_window"])?,
+        };
+        let window_used = match mt {
+            "qwen2" | "qwen3" | "smollm3" => window.filter(|_| r.bool_or("use_sliding_window", false)),
+            _ => window,
+        };
+        let nope = no_rope_layers(&r, mt, num_layers, file)?;
+        let explicit_types = match v.get("layer_types").and_then(Value::as_array) {
+            // Mistral's attention reads sliding_window alone
+            Some(_) if mt == "mistral" => None,
             Some(a) => {
                 let t: Vec<String> = a.iter().map(|x| x.as_str().unwrap_or("?").to_string()).collect();
                 if t.len() != num_layers {
@@ -331,37 +353,37 @@ impl Config {
                 if let Some(bad) = t.iter().find(|x| !matches!(x.as_str(), "full_attention" | "sliding_attention")) {
                     return Err(Error::ModelLoad(format!("{file}: layer type {bad:?} is not implemented")));
                 }
-                t
+                Some(t)
             }
+            None => None,
+        };
+        let max_window_layers = r.usize_or(&["max_window_layers"], 28)?;
+        let pattern = r.usize_or(&["sliding_window_pattern"], 6)?;
+        let layer_types: Vec<String> = match explicit_types {
+            Some(t) => t,
             None => (0..num_layers)
                 .map(|i| {
                     let sliding = match mt {
-                        "mistral" | "phi3" => window.is_some(),
-                        "qwen2" | "qwen3" | "smollm3" => {
-                            window.is_some() && r.bool_or("use_sliding_window", false) && i >= r.usize_or(&["max_window_layers"], 0).unwrap_or(0)
-                        }
-                        "gemma3_text" => {
-                            let pattern = r.usize_or(&["sliding_window_pattern", "_sliding_window_pattern"], 6).unwrap_or(6);
-                            pattern == 0 || (i + 1) % pattern != 0
-                        }
+                        "mistral" | "phi3" => window_used.is_some(),
+                        "qwen2" | "qwen3" => window_used.is_some() && i >= max_window_layers,
+                        "smollm3" => window_used.is_some() && nope[i],
+                        "gemma3_text" => pattern == 0 || (i + 1) % pattern != 0,
                         _ => false,
                     };
                     if sliding { "sliding_attention" } else { "full_attention" }.to_string()
                 })
                 .collect(),
         };
-        // Qwen2/Qwen3/SmolLM3 drop the window unless use_sliding_window (their configs then set it to None).
-        let window_used = match mt {
-            "qwen2" | "qwen3" | "smollm3" => window.filter(|_| r.bool_or("use_sliding_window", false)),
-            _ => window,
-        };
         let layer_window: Vec<Option<usize>> =
             layer_types.iter().map(|t| if t == "sliding_attention" { window_used } else { None }).collect();
         if layer_window.iter().any(|w| *w == Some(0)) {
             return Err(Error::ModelLoad(format!("{file}: sliding_window must be positive")));
         }
-        if layer_types.iter().any(|t| t == "sliding_attention") && window_used.is_none() && !matches!(mt, "qwen2" | "qwen3" | "smollm3") {
-            return Err(Error::ModelLoad(format!("{file}: layer_types has sliding layers but sliding_window is not set")));
+        if layer_types.iter().any(|t| t == "sliding_attention") && window_used.is_none() {
+            return Err(Error::ModelLoad(format!(
+                "{file}: layer_types asks for sliding_attention but there is no sliding window (sliding_window is \
+                 null, or use_sliding_window is false)"
+            )));
         }
         // RoPE: transformers 5 nests it in `rope_parameters` (Gemma 3: one per layer type); older configs keep
         // `rope_theta`/`rope_scaling` on top.
@@ -391,18 +413,6 @@ impl Config {
             } else {
                 vec![main]
             }
-        };
-        let nope: Vec<bool> = if mt == "smollm3" {
-            match v.get("no_rope_layers").and_then(Value::as_array) {
-                Some(a) if a.len() == num_layers => a.iter().map(|x| x.as_u64() == Some(0)).collect(),
-                Some(a) => return Err(Error::ModelLoad(format!("{file}: no_rope_layers has {} entries for {num_layers} layers", a.len()))),
-                None => {
-                    let k = r.usize_or(&["no_rope_layer_interval"], 4)?;
-                    (0..num_layers).map(|i| k > 0 && (i + 1) % k == 0).collect()
-                }
-            }
-        } else {
-            vec![false; num_layers]
         };
         let layer_rope: Vec<Option<usize>> = (0..num_layers)
             .map(|i| {

@@ -210,7 +210,7 @@ impl Gguf {
             "gemma3" => {
                 // llama.cpp's fixed Gemma 3 conventions: every 6th layer global, local RoPE base 10000, scores scaled
                 // by 1/√head_dim (27B, 62 layers: 1/√(hidden/heads))
-                c["_sliding_window_pattern"] = json!(6);
+                c["sliding_window_pattern"] = json!(6);
                 c["rope_local_base_freq"] = json!(10000.0);
                 c["rope_theta"] = c["rope_parameters"]["rope_theta"].clone();
                 c["query_pre_attn_scalar"] = json!(if layers == 62 { hidden / heads } else { head_dim });
