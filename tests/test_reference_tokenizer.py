@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from candlewick.reference.tokenizer import Tokenizer, compile_regex, split_by_regex
+from candlewick.reference.tokenizer import Tokenizer, compile_regex, pre_tokenize, split_by_regex
 
 DATA = Path(__file__).parent / "data"
 VECTORS = json.loads((DATA / "tokenizer-vectors.json").read_text(encoding="utf-8"))["rows"]
@@ -132,6 +132,70 @@ def test_unicode_classes_cover_categories():
     assert compile_regex(r"\s+").fullmatch("\u3000\u00a0\u2028")
     assert not compile_regex(r"\s").match("\u200b")  # zero-width space is not White_Space
     assert compile_regex(r"[^\s\p{L}]+").findall("ab-+ c") == ["-+"]
+
+
+def test_word_and_number_classes_are_those_of_tokenizers():
+    """Measured against `tokenizers` (see test_pre_tokenizers_agree_with_tokenizers): in a tokenizer.json pattern
+    \\w is Oniguruma's (no Join_Control; outside [...] the Latin-1 numbers ² ³ ¹ ¼ ½ ¾ too); the Whitespace
+    pre-tokenizer's \\w is the Rust regex crate's (Join_Control, no ²); Digits splits on every \\p{N}."""
+    assert compile_regex(r"\w+").findall("x² a\u200cb ⓚ_1") == ["x²", "a", "b", "ⓚ_1"]
+    assert compile_regex(r"[\w]+").findall("x² a\u200cb ⓚ_1") == ["x", "a", "b", "ⓚ_1"]
+    assert compile_regex(r"\W+").findall("x² a\u200cb") == [" ", "\u200c"]
+    assert pre_tokenize({"type": "Whitespace"}, ["x² a\u200cb ⓚ_1!"]) == ["x", "²", "a\u200cb", "ⓚ_1", "!"]
+    assert pre_tokenize({"type": "Digits", "individual_digits": False}, ["a²34b٣"]) == ["a", "²34", "b", "٣"]
+    assert pre_tokenize({"type": "Digits", "individual_digits": True}, ["a²34"]) == ["a", "²", "3", "4"]
+
+
+def _char_wordpiece(pre_tokenizer: dict, chars) -> dict:
+    """A tokenizer.json whose WordPiece vocabulary is every character c and ##c: its tokens show where the
+    pre-tokenizer cut (a word's first character plain, the rest with ##)."""
+    vocab = {"[UNK]": 0}
+    for c in sorted(set(chars)):
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault("##" + c, len(vocab))
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": None,
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                      "max_input_chars_per_word": 1000, "vocab": vocab}}
+
+
+def _split(pattern: str, behavior: str = "Isolated", invert: bool = False) -> dict:
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": behavior, "invert": invert}
+
+
+@pytest.mark.parametrize("pre_tokenizer", [
+    {"type": "Whitespace"},
+    {"type": "Digits", "individual_digits": False},
+    {"type": "Digits", "individual_digits": True},
+    _split(LLAMA3_PATTERN),
+    _split(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"),
+    _split(r"\w+", "Removed", invert=True),
+    _split(r"[\w\s]+", "MergedWithNext"),
+    _split(r"\W+"),
+    _split(r"[^\w]+", "Contiguous", invert=True),
+    _split(r"\d+|\S"),
+], ids=lambda p: p.get("pattern", {}).get("Regex", p["type"]))
+def test_pre_tokenizers_agree_with_tokenizers(tmp_path, pre_tokenizer):
+    """Random Unicode (every assigned character of Python's Unicode tables, whitespace and the characters where
+    regex flavours differ weighted up) cut by the reference and by Hugging Face `tokenizers` (the engine's)."""
+    pytest.importorskip("candlewick._native", reason="the engine's tokenizer is the ground truth here")
+    import random
+    import unicodedata
+
+    import candlewick as cw
+
+    rng = random.Random(0)
+    assigned = [cp for cp in range(0x30000) if unicodedata.category(chr(cp)) not in ("Cn", "Cs", "Co")]
+    tricky = [0x9, 0xA, 0xD, 0x1C, 0x1F, 0x20, 0x5F, 0x85, 0xA0, 0xB2, 0xBD, 0x301, 0xF20, 0x200C, 0x200D, 0x2167,
+              0x24DA, 0x3000, 0x3007, 0x203F]
+    pool = assigned + tricky * 500 + list(range(0x20, 0x7F)) * 30
+    texts = ["".join(chr(rng.choice(pool)) for _ in range(rng.randint(1, 25))) for _ in range(300)]
+    spec = _char_wordpiece(pre_tokenizer, "".join(texts))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    engine, reference = cw.Tokenizer.from_pretrained(tmp_path / "tokenizer.json"), Tokenizer(spec)
+    wrong = [t for t in texts
+             if reference.encode(t, add_special_tokens=False) != engine.encode(t, add_special_tokens=False)]
+    assert not wrong, [(t, reference.tokenize(t)) for t in wrong[:3]]
 
 
 def test_split_behaviors():

@@ -25,12 +25,53 @@ from .. import chat_template
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
+# \w in a tokenizer.json pattern means what it means to Oniguruma, which `tokenizers` compiles those with: Unicode's
+# Alphabetic, marks, Nd and Pc, but not Join_Control; and outside [...] also the six Latin-1 numbers ² ³ ¹ ¼ ½ ¾
+# (its Latin-1 table calls them word characters). Measured against `tokenizers` over every code point. The
+# `regex` package's \w adds Join_Control, as the Rust regex crate's does, which is what the Whitespace
+# pre-tokenizer runs on; so that one uses plain \w.
+ONIG_WORD_IN_CLASS = r"\p{Alphabetic}\p{M}\p{Nd}\p{Pc}"
+ONIG_WORD = ONIG_WORD_IN_CLASS + r"\xb2\xb3\xb9\xbc-\xbe"
+
+
 @functools.cache
 def compile_regex(pattern: str) -> regex.Pattern:
-    """Compile a tokenizer.json (Oniguruma-style) pattern. The `regex` package reads the same syntax as
-    `tokenizers`' engines: Unicode classes \\p{L} / \\P{N} / \\p{Letter}, and \\s as the Unicode White_Space
-    property (Python's `re` has no \\p{..}, and its \\s also takes the separators U+001C..U+001F)."""
-    return regex.compile(pattern)
+    """Compile a tokenizer.json (Oniguruma) pattern with the `regex` package, which reads the same syntax and
+    classes: \\p{L} / \\P{N} / \\p{Letter}, \\s as the White_Space property, \\d as Nd (Python's `re` has no
+    \\p{..}, and its \\s also takes U+001C..U+001F). Only \\w and \\W are rewritten, to Oniguruma's class."""
+    if "\\w" not in pattern and "\\W" not in pattern:
+        return regex.compile(pattern)
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            pair = pattern[i:i + 2]
+            if pair == "\\w":
+                out.append(ONIG_WORD_IN_CLASS if in_class else f"[{ONIG_WORD}]")
+            elif pair == "\\W":
+                if in_class:
+                    raise NotImplementedError(f"tokenizer regex: \\W inside [...] in {pattern!r}")
+                out.append(f"[^{ONIG_WORD}]")
+            else:
+                out.append(pair)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+            out.append(c)
+            i += 1
+            if pattern[i:i + 1] == "^":
+                out.append("^")
+                i += 1
+            if pattern[i:i + 1] == "]":  # a ']' right after '[' or '[^' is a literal
+                out.append("\\]")
+                i += 1
+            continue
+        if c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return regex.compile("".join(out))
 
 
 def split_by_regex(text: str, regex: re.Pattern, behavior: str = "Isolated", invert: bool = False) -> list[str]:
@@ -205,8 +246,8 @@ def _pre_tokenize_one(spec: dict, piece: str) -> list[str]:
     if kind == "BertPreTokenizer":
         # whitespace is removed, each punctuation character becomes a word of its own
         return [w for word in piece.split() for w in _split_punctuation(word)]
-    if kind == "Whitespace":
-        return compile_regex(r"\w+|[^\w\s]+").findall(piece)
+    if kind == "Whitespace":  # a Rust-regex pattern in tokenizers, not Oniguruma: \w is Unicode's word property
+        return _WHITESPACE_WORDS.findall(piece)
     if kind == "WhitespaceSplit":
         return piece.split()
     if kind == "Digits":  # tokenizers splits on char::is_numeric: every \p{N}, not only decimal digits
@@ -223,6 +264,9 @@ def _pre_tokenize_one(spec: dict, piece: str) -> list[str]:
             return [piece]
         return split_by_regex(piece, re.compile(re.escape(mark)), "MergedWithNext")  # '▁' starts each word
     raise NotImplementedError(f"tokenizer: pre_tokenizer {kind!r}")
+
+
+_WHITESPACE_WORDS = regex.compile(r"\w+|[^\w\s]+")
 
 
 def _split_punctuation(word: str) -> list[str]:
