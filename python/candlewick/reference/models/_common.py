@@ -53,7 +53,7 @@ def check_fields(raw: dict, model_type: str, file="config.json") -> None:
 
 def rope_dicts(raw: dict) -> list[tuple[str, dict]]:
     """Every rope dict of a config: rope_scaling, rope_parameters, or rope_parameters' per-layer-type dicts."""
-    out = []
+    out: list[tuple[str, dict]] = []
     for key in ("rope_scaling", "rope_parameters"):
         d = raw.get(key)
         if isinstance(d, dict):

@@ -46,10 +46,10 @@ class Config:
                    architecture=(d.get("architectures") or ["BertModel"])[0], raw=d)
 
 
-def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
+def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. The `bert.` prefix is optional; the pooler,
     the MLM head and `embeddings.position_ids` are not used."""
-    w = Weights(w, "bert", prefix="bert.")
+    w = Weights(tensors, "bert", prefix="bert.")
     take, C, F = w.take, cfg.hidden_size, cfg.intermediate_size
 
     def dense(name, out_dim, in_dim):

@@ -45,7 +45,7 @@ class Config(DecoderConfig):
         fields = decoder_fields(d, architecture="Gemma3ForCausalLM", act_key="hidden_activation",
                                 act="gelu_pytorch_tanh", tie=True, head_dim=256)
         n = fields["num_hidden_layers"]
-        pattern = d.get("sliding_window_pattern", 6)
+        pattern = d.get("sliding_window_pattern") or 6
         types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                                          for i in range(n)]
         ropes = {t: rope_settings(r, d, "gemma3_text", theta=r["rope_theta"], head_dim=fields["head_dim"])
@@ -71,10 +71,10 @@ def rope_dicts(d: dict) -> dict[str, dict]:
     return out
 
 
-def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
+def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. The `model.` prefix is optional; norms hold w of
     (1 + w). A missing lm_head.weight means the head is the embedding (Gemma ties them)."""
-    w = Weights(w, "gemma3_text", prefix="model.")
+    w = Weights(tensors, "gemma3_text", prefix="model.")
     C, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qd, kvd, bias = cfg.num_attention_heads * D, cfg.num_key_value_heads * D, cfg.raw.get("attention_bias", False)
 

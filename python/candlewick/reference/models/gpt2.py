@@ -54,10 +54,10 @@ class Config:
                    architecture=(d.get("architectures") or ["GPT2LMHeadModel"])[0], raw=d)
 
 
-def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
+def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. The `transformer.` prefix is optional; Conv1D
     weights stay [in, out] as stored, so a layer is x @ w + b. A missing lm_head.weight means a tied head."""
-    w = Weights(w, "gpt2", prefix="transformer.")
+    w = Weights(tensors, "gpt2", prefix="transformer.")
     take, C, V, F = w.take, cfg.n_embd, cfg.vocab_size, cfg.n_inner
 
     def block(i):

@@ -24,7 +24,7 @@ from ._common import (DecoderConfig, Rope, Weights, activation, decoder_fields, 
 
 @dataclass
 class Config(DecoderConfig):
-    rope: Rope | None = None
+    rope: Rope = None  # type: ignore[assignment]  # from_dict always sets it
     use_parallel_residual: bool = True
     attention_bias: bool = True
 
@@ -45,11 +45,11 @@ class Config(DecoderConfig):
                    attention_bias=d.get("attention_bias", True))
 
 
-def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
+def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. Everything but embed_out sits under `gpt_neox.`
     (optional here); buffers old checkpoints carry (attention.bias, masked_bias, rotary_emb.inv_freq) are not
     used."""
-    w = Weights(w, "gpt_neox", prefix="gpt_neox.")
+    w = Weights(tensors, "gpt_neox", prefix="gpt_neox.")
     C, F, bias = cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias
 
     def ln(name):

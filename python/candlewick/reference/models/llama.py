@@ -30,12 +30,12 @@ class Config(DecoderConfig):
     qk_norm: bool = False              # Qwen3: RMSNorm on each head's q and k before RoPE
 
     @property
-    def rope_theta(self) -> float:
-        return next(r for r in self.ropes if r is not None).theta
+    def rope_theta(self) -> float | None:  # of the layers with RoPE (all share one)
+        return next((r.theta for r in self.ropes if r is not None), None)
 
     @property
     def rope_scaling(self) -> dict | None:  # {"rope_type": "linear" | "llama3" | "yarn", ...}; None = plain RoPE
-        return next(r for r in self.ropes if r is not None).scaling
+        return next((r.scaling for r in self.ropes if r is not None), None)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -68,10 +68,10 @@ def sliding_windows(d: dict) -> list:
     return [None] * n
 
 
-def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
+def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. The `model.` prefix is optional; projections
     stay [out, in] as nn.Linear stores them. A missing lm_head.weight means a tied head."""
-    w = Weights(w, cfg.model_type, prefix="model.")
+    w = Weights(tensors, cfg.model_type, prefix="model.")
     C, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qd, kvd = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
 

@@ -20,7 +20,7 @@ from ._common import (DecoderConfig, Rope, Weights, activation, decoder_fields, 
 
 @dataclass
 class Config(DecoderConfig):
-    rope: Rope | None = None
+    rope: Rope = None  # type: ignore[assignment]  # from_dict always sets it
     sliding_window: int | None = None
 
     @classmethod
@@ -33,9 +33,9 @@ class Config(DecoderConfig):
         return cls(**fields, rope=rope, sliding_window=d.get("sliding_window"))
 
 
-def load_params(w: dict[str, np.ndarray], cfg: Config) -> dict:
+def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape; the fused matrices stay fused."""
-    w = Weights(w, "phi3", prefix="model.")
+    w = Weights(tensors, "phi3", prefix="model.")
     C, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qd, kvd = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
 
