@@ -68,6 +68,10 @@ impl Tokenizer {
     /// Load from a checkpoint folder or a tokenizer.json file (its folder is searched for the config files).
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        // a GGUF file's tokenizer.ggml.* metadata, with or without tensors (llama-tokenize's vocab-only files)
+        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return crate::gguf::Gguf::open(path)?.tokenizer();
+        }
         let (file, dir) = if path.is_dir() {
             (path.join("tokenizer.json"), path.to_path_buf())
         } else {
