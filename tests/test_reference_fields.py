@@ -280,6 +280,9 @@ def test_yarn_in_a_model_takes_original_length_and_factor_as_transformers(tmp_pa
     d = variant(tmp_path, "llama-tiny", lambda cfg: (yarn(factor=2.0, original_max_position_embeddings=64)(cfg),
                                                      cfg.update(original_max_position_embeddings=32)), sub="d")
     assert d.config.rope_scaling["original_max_position_embeddings"] == 32
+    with pytest.raises(ValueError, match="'factor'"):  # transformers reads rope_parameters["factor"]: required
+        load(config_only(DATA / "llama-tiny", tmp_path / "e", lambda cfg: cfg["rope_parameters"].update(
+            rope_type="yarn", original_max_position_embeddings=64)))
 
 
 # --- implemented: GPT-2 ----------------------------------------------------------------------------------------------

@@ -32,10 +32,6 @@ def is_neutral(value, neutral: list) -> bool:
     return any(value is n if isinstance(value, bool) or isinstance(n, bool) else value == n for n in neutral)
 
 
-def _show(value) -> str:
-    return json.dumps(value)
-
-
 def check_fields(raw: dict, model_type: str, file="config.json") -> None:
     """architectures.json's rule: a math-changing field present with a non-neutral value must be one the
     architecture implements, or loading fails naming it. partial_rotary_factor counts inside the rope dicts too
@@ -48,7 +44,7 @@ def check_fields(raw: dict, model_type: str, file="config.json") -> None:
     for name, value in found:
         base = name.rsplit(".", 1)[-1]
         if not is_neutral(value, decl["neutral"][base]) and base not in implements:
-            raise NotImplementedError(f"{file}: {model_type} does not implement {name}={_show(value)}")
+            raise NotImplementedError(f"{file}: {model_type} does not implement {name}={json.dumps(value)}")
 
 
 def rope_dicts(raw: dict) -> list[tuple[str, dict]]:
@@ -67,7 +63,8 @@ def rope_dicts(raw: dict) -> list[tuple[str, dict]]:
 ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position_embeddings", "partial_rotary_factor", "beta_fast", "beta_slow", "mscale",
              "mscale_all_dim", "attention_factor", "truncate"}
-ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ()}
+ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                 "yarn": ("factor",)}  # yarn's may be null: then max_position_embeddings / the original length
 
 
 @dataclass
