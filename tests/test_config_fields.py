@@ -141,6 +141,14 @@ PARITY = [
                                          "beta_slow": 2, "truncate": False, "mscale": 2.0, "mscale_all_dim": 1.0,
                                          "original_max_position_embeddings": 32})),
     ("llama-tiny", dict(rope_scaling={"type": "linear", "factor": 3.0}, rope_parameters=DELETE, rope_theta=500.0)),
+    # transformers' defaults where a key is missing
+    ("llama-tiny", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0},
+                        original_max_position_embeddings=24)),
+    ("gptneox-tiny", dict(partial_rotary_factor=DELETE, rope_parameters=DELETE, rotary_emb_base=500.0)),
+    ("smollm3-tiny", dict(rope_parameters=DELETE)),
+    ("gemma3-tiny", dict(rope_parameters=DELETE, rope_theta=5e5, rope_local_base_freq=2e3)),
+    ("qwen3-tiny", dict(head_dim=DELETE)),
+    ("smollm3-tiny", dict(no_rope_layers=DELETE, no_rope_layer_interval=0)),
 ]
 
 

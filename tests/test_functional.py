@@ -112,8 +112,8 @@ def test_rope_inv_freq_linear_matches_transformers():
     np.testing.assert_allclose(F.rope_inv_freq(64, 10000.0, {"rope_type": "linear", "factor": 4.0}), HF_LINEAR4,
                                rtol=1e-6)
     np.testing.assert_allclose(F.rope_inv_freq(64, 10000.0, {"type": "linear", "factor": 4.0}), HF_LINEAR4, rtol=1e-6)
-    with pytest.raises(NotImplementedError, match="yarn"):
-        F.rope_inv_freq(64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(NotImplementedError, match="dynamic"):  # yarn is implemented now; dynamic is refused
+        F.rope_inv_freq(64, 10000.0, {"rope_type": "dynamic", "factor": 4.0})
 
 
 def test_rope_rotates_pairs_by_position_times_frequency():

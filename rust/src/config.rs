@@ -193,7 +193,7 @@ fn yarn_mscale(scale: f64, m: f64) -> f64 {
 }
 
 /// A rope dict's type and parameters. `max_pos` is the config's max_position_embeddings (YaRN's defaults use it).
-fn rope_scaling(obj: Option<&Value>, file: &str, max_pos: usize) -> Result<RopeScaling> {
+fn rope_scaling(obj: Option<&Value>, file: &str, max_pos: usize, top_original: Option<f64>) -> Result<RopeScaling> {
     let Some(o) = obj.filter(|o| o.is_object()) else { return Ok(RopeScaling::None) };
     if let Some(bad) = o.as_object().into_iter().flatten().map(|(k, _)| k).find(|k| !ROPE_KEYS.contains(&k.as_str())) {
         return Err(Error::ModelLoad(format!("{file}: rope parameter {bad:?} is not implemented")));
@@ -207,12 +207,18 @@ fn rope_scaling(obj: Option<&Value>, file: &str, max_pos: usize) -> Result<RopeS
             factor: r.f64_or(&["factor"], 8.0)?,
             low_freq_factor: r.f64_or(&["low_freq_factor"], 1.0)?,
             high_freq_factor: r.f64_or(&["high_freq_factor"], 4.0)?,
-            original_max_position_embeddings: r.f64_or(&["original_max_position_embeddings"], 8192.0)?,
+            original_max_position_embeddings: match top_original {
+                Some(o) => o,
+                None => r.f64_or(&["original_max_position_embeddings"], 8192.0)?,
+            },
         },
         "yarn" => {
             // as transformers 5: original_max_position_embeddings defaults to the context; a missing factor
             // is their ratio
-            let original = r.f64_or(&["original_max_position_embeddings"], max_pos as f64)?;
+            let original = match top_original {
+                Some(o) => o,
+                None => r.f64_or(&["original_max_position_embeddings"], max_pos as f64)?,
+            };
             let factor = r.f64_or(&["factor"], max_pos as f64 / original)?;
             let attention_factor = match r.opt_f64(&["attention_factor"])? {
                 Some(a) => a,
@@ -243,7 +249,7 @@ pub fn activation(name: &str, file: &str) -> Result<Act> {
     Ok(match name {
         "silu" | "swish" => Act::Silu,
         "gelu" | "gelu_exact" => Act::Gelu,
-        "gelu_new" | "gelu_pytorch_tanh" => Act::GeluTanh,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
         other => {
             return Err(Error::ModelLoad(format!(
                 "{file}: activation {other:?} is not implemented (implemented: silu, gelu, gelu_new, gelu_pytorch_tanh)"
@@ -268,8 +274,14 @@ fn no_rope_layers(r: &Reader, mt: &str, num_layers: usize, file: &str) -> Result
         Some(a) if a.len() == num_layers => a.iter().map(|x| x.as_u64() == Some(0)).collect(),
         Some(a) => return Err(Error::ModelLoad(format!("{file}: no_rope_layers has {} entries for {num_layers} layers", a.len()))),
         None => {
-            let k = r.usize_or(&["no_rope_layer_interval"], 4)?;
-            (0..num_layers).map(|i| k > 0 && (i + 1) % k == 0).collect()
+            let k = match r.v.get("no_rope_layer_interval") {
+                None => 4,
+                Some(_) => r.usize_or(&["no_rope_layer_interval"], 0)?,
+            };
+            if k == 0 {
+                return Err(Error::ModelLoad(format!("{file}: no_rope_layers is absent and no_rope_layer_interval is null or 0")));
+            }
+            (0..num_layers).map(|i| (i + 1) % k == 0).collect()
         }
     })
 }
@@ -313,7 +325,12 @@ impl Config {
             )));
         }
         let num_layers = r.usize(&["num_hidden_layers", "n_layer"])?;
-        let head_dim = r.usize_or(&["head_dim"], hidden_size / num_heads)?;
+        // transformers' defaults where the key is missing: Qwen3 128, Gemma 3 256, else hidden / heads
+        let head_dim = r.usize_or(&["head_dim"], match mt {
+            "qwen3" => 128,
+            "gemma3_text" => 256,
+            _ => hidden_size / num_heads,
+        })?;
         if arch != Arch::Llama && head_dim * num_heads != hidden_size {
             return Err(Error::ModelLoad(format!(
                 "{file}: hidden_size ({hidden_size}) is not divisible by the number of heads ({num_heads})"
@@ -394,9 +411,16 @@ impl Config {
                 Some(t) => t.as_f64().ok_or_else(|| Error::ModelLoad(format!("{file}: rope_theta must be a number")))?,
                 None => default_theta,
             };
-            Ok(Rope { theta, scaling: rope_scaling(p, file, max_position_embeddings)? })
+            let top_original = r.opt_f64(&["original_max_position_embeddings"])?;
+            Ok(Rope { theta, scaling: rope_scaling(p, file, max_position_embeddings, top_original)? })
         };
-        let top_theta = r.f64_or(&["rope_theta", "rotary_emb_base"], 10000.0)?;
+        let top_theta = match mt {
+            // GPT-NeoX reads rotary_emb_base, never a top-level rope_theta
+            "gpt_neox" => r.f64_or(&["rotary_emb_base"], 10000.0)?,
+            "smollm3" => r.f64_or(&["rope_theta"], 2_000_000.0)?,
+            "gemma3_text" => r.f64_or(&["rope_theta"], 1_000_000.0)?,
+            _ => r.f64_or(&["rope_theta"], 10000.0)?,
+        };
         let ropes: Vec<Rope> = if per_type {
             let p = rp.expect("checked");
             if let Some(bad) = p.as_object().into_iter().flatten().map(|(k, _)| k).find(|k| !matches!(k.as_str(), "full_attention" | "sliding_attention")) {
@@ -427,7 +451,7 @@ impl Config {
             .collect();
         let partial = match rp.and_then(|p| p.get("partial_rotary_factor")).and_then(Value::as_f64) {
             Some(f) => f,
-            None => r.f64_or(&["partial_rotary_factor", "rotary_pct"], 1.0)?,
+            None => r.f64_or(&["partial_rotary_factor", "rotary_pct"], if neox { 0.25 } else { 1.0 })?,
         };
         if !(partial > 0.0 && partial <= 1.0) {
             return Err(Error::ModelLoad(format!("{file}: partial_rotary_factor must be in (0, 1], got {partial}")));
