@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import generate as generation
 from ..functional import cross_entropy
+from ...windows import perplexity_windows
 from ..tokenizer import Tokenizer
 from . import bert, gemma3, gpt2, gptneox, llama, phi3, qwen3, smollm3
 from ._common import check_fields
@@ -154,20 +155,13 @@ class CausalLM:
         guide: with stride < L every token but the first is scored once, with at least L - stride tokens of
         context; with stride = L (disjoint windows) the first token of each window is not scored."""
         ids = text_or_ids if not isinstance(text_or_ids, str) else self.tokenizer.encode(text_or_ids)
-        ids, L = [int(i) for i in ids], self.config.context_length
+        ids = [int(i) for i in ids]
         if len(ids) < 2:
             raise ValueError("perplexity needs at least two tokens")
-        stride = stride or max(L // 2, 1)
-        if not 0 < stride <= L:
-            raise ValueError(f"stride must be in 1 .. {L}, got {stride}")
-        total, count, scored_to = 0.0, 0, 0
-        for begin in range(0, len(ids), stride):
-            end = min(begin + L, len(ids))
-            nll = self.token_nll(ids[begin:end])                           # nll[j] is token begin + j + 1
-            new = nll[max(scored_to - begin - 1, 0):]  # a window's first token has no context: never scored
-            total, count, scored_to = total + new.sum(), count + len(new), end
-            if end == len(ids):
-                break
+        total, count = 0.0, 0
+        for begin, end, first in perplexity_windows(len(ids), self.config.context_length, stride):
+            new = self.token_nll(ids[begin:end])[first - begin - 1:]   # nll[j] scores token begin + j + 1
+            total, count = total + new.sum(), count + len(new)
         return math.exp(total / count)
 
     def generate(self, prompt, *, rng: np.random.Generator | None = None, **params) -> list[int]:
