@@ -5,6 +5,7 @@ import _thread
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -212,10 +213,27 @@ def test_chat_applies_the_template(models):
 
 def test_ctrl_c_interrupts_generation(models):
     m = models["llama-tiny"]
-    threading.Timer(0.3, _thread.interrupt_main).start()
-    with pytest.raises(KeyboardInterrupt):
-        for _ in range(1000):  # each call is short; the interrupt must land inside one of them
-            m.generate("Hello", max_new_tokens=250, n=16, seed=1, ignore_eos=True)
+    # Ctrl-C every 0.3 s until one lands: a single one can arrive inside a finalizer (a TextStream's __del__ run
+    # by the garbage collector), where Python reports and drops exceptions, as it would for a real Ctrl-C
+    stop = threading.Event()
+
+    def press():
+        while not stop.wait(0.3):
+            _thread.interrupt_main()
+
+    presser = threading.Thread(target=press, daemon=True)
+    presser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(1000):  # each call is short; the interrupt must land inside one of them
+                m.generate("Hello", max_new_tokens=250, n=16, seed=1, ignore_eos=True)
+    finally:
+        stop.set()
+        presser.join()
+        try:
+            time.sleep(0.05)  # a Ctrl-C pressed just before the stop lands here, not in the next test
+        except KeyboardInterrupt:
+            pass
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
