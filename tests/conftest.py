@@ -24,3 +24,11 @@ def data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def vectors() -> list[dict]:
     return json.loads((DATA / "tokenizer-vectors.json").read_text())["rows"]
+
+
+def prompts(z):
+    """(i, ids) for each prompt{i}_ids in a fixture's reference.npz."""
+    i = 0
+    while f"prompt{i}_ids" in z:
+        yield i, [int(t) for t in z[f"prompt{i}_ids"]]
+        i += 1

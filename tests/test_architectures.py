@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import candlewick as cw
-from conftest import DATA
+from conftest import DATA, prompts
 
 ARCHS = ["qwen3-tiny", "gemma3-tiny", "phi3-tiny", "llama3-rope-tiny", "mistral-sw-tiny", "smollm3-tiny",
          "gptneox-tiny"]
@@ -24,13 +24,6 @@ ATOL = 1e-4  # DESIGN.md: the float32 engine within 1e-4 of the exact figures
 def fixture(request):
     name = request.param
     return name, cw.load(DATA / name), np.load(DATA / name / "reference.npz")
-
-
-def prompts(z):
-    i = 0
-    while f"prompt{i}_ids" in z:
-        yield i, [int(t) for t in z[f"prompt{i}_ids"]]
-        i += 1
 
 
 def test_logits_match_fixture(fixture):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import prompts
 from safetensors.numpy import load_file, save_file
 
 from candlewick.reference import load
@@ -20,13 +22,6 @@ ATOL = 1e-6  # DESIGN.md: reference logits within 1e-6 of the exact figures
 def fixture(request):
     name = request.param
     return name, load(DATA / name), np.load(DATA / name / "reference.npz")
-
-
-def prompts(z):
-    i = 0
-    while f"prompt{i}_ids" in z:
-        yield i, [int(t) for t in z[f"prompt{i}_ids"]]
-        i += 1
 
 
 def test_logits_match_fixture(fixture):

@@ -273,9 +273,6 @@ impl Decoder {
         };
         let opt_norm = |name: &str, size: usize, on: bool| -> Result<Option<Norm>> { if on { norm(name, size).map(Some) } else { Ok(None) } };
         let mlp_act = activation(&cfg.hidden_act, &cfg.model_type)?;
-        if mlp_act != Act::Silu && mlp_act != Act::GeluTanh && mlp_act != Act::Gelu {
-            return Err(Error::ModelLoad(format!("{}: activation {:?} is not implemented", cfg.model_type, cfg.hidden_act)));
-        }
         let sandwich = cfg.residual == Residual::Sandwich;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
