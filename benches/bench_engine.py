@@ -114,6 +114,26 @@ class Candlewick:
         return self.native.bench_decode(self.model, prompt, n)
 
 
+class Baseline(Candlewick):
+    """Another build of candlewick's extension (`--baseline path/to/_native.abi3.so`), in the same process: the
+    before and after of an engine change, measured in one run."""
+
+    name = "baseline"
+    path: Path
+
+    def __init__(self, folder: Path, dtype: str):
+        import importlib.util
+
+        # the module name must end in _native (its init function is PyInit__native)
+        spec = importlib.util.spec_from_file_location("candlewick_baseline._native", self.path)
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"--baseline {self.path}: not a Python extension module")
+        native = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(native)
+        self.native = native
+        self.model = native.Model.load(str(folder), "cpu", dtype)
+
+
 class Transformers:
     name = "transformers"
 
@@ -164,7 +184,8 @@ class Transformers:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16", "q8_0", "q4_1", "q4_0", "q4_k", "q6_k"],
+                    help="weight dtypes; the quantized ones (quantized at load) have no transformers figure")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5, help="timed runs per figure, after one warm-up")
     ap.add_argument("--stat", choices=["best", "median"], default="best", help="which of the timed runs to report")
@@ -172,11 +193,16 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=64, help="decoded tokens")
     ap.add_argument("--tg-prompt", type=int, default=128, help="prompt length before decoding")
     ap.add_argument("--no-peer", action="store_true", help="candlewick only (no torch needed)")
+    ap.add_argument("--baseline", type=Path, metavar="SO",
+                    help="another build of candlewick/_native.abi3.so to time beside this one (a before/after)")
     args = ap.parse_args()
 
     # Both engines on the same number of threads; rayon (and Candle) read RAYON_NUM_THREADS at first use.
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)
-    engine_classes = [Candlewick]
+    engine_classes: list[type] = [Candlewick]
+    if args.baseline:
+        Baseline.path = args.baseline
+        engine_classes.append(Baseline)
     if not args.no_peer:
         import warnings
 
@@ -197,7 +223,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"candlewick-bench-{key}-") as tmp:
             write_checkpoint(cfg, Path(tmp))
             for dtype in args.dtypes:
-                engines = [E(Path(tmp), dtype) for E in engine_classes]
+                engines = [E(Path(tmp), dtype) for E in engine_classes
+                           if not (E is Transformers and dtype.startswith("q"))]
                 tests = [(f"pp{n}", (lambda e, n=n: e.prefill(n)), n) for n in args.pp]
                 tests.append((f"tg{args.tg}", lambda e: e.decode(args.tg_prompt, args.tg), args.tg))
                 for test, run, n_tok in tests:
@@ -211,19 +238,22 @@ def main() -> None:
                             times[e.name].append(run(e))
                     pick = min if args.stat == "best" else statistics.median
                     tps = {name: n_tok / pick(t) for name, t in times.items()}
-                    cw, pt = tps["candlewick"], tps.get("transformers")
-                    rows.append((MODELS[key], dtype, test, cw, pt))
+                    cw, pt, base = tps["candlewick"], tps.get("transformers"), tps.get("baseline")
+                    rows.append((MODELS[key], dtype, test, cw, pt, base))
                     print(f"  {MODELS[key]} {dtype} {test}: candlewick {cw:.1f} tok/s"
-                          + (f", transformers {pt:.1f} tok/s, ratio {cw / pt:.2f}x" if pt else ""), file=sys.stderr)
+                          + (f", transformers {pt:.1f} tok/s, ratio {cw / pt:.2f}x" if pt else "")
+                          + (f", baseline {base:.1f} tok/s, ratio {cw / base:.2f}x" if base else ""), file=sys.stderr)
                 del engines
 
     print()
-    print("| model | dtype | test | candlewick tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---:|---:|---:|")
-    for model, dtype, test, cw, pt in rows:
+    base_cols = " baseline tok/s | candlewick / baseline |" if args.baseline else ""
+    print("| model | dtype | test | candlewick tok/s | transformers tok/s | ratio |" + base_cols)
+    print("|---|---|---|---:|---:|---:|" + ("---:|---:|" if args.baseline else ""))
+    for model, dtype, test, cw, pt, base in rows:
         peer = f"{pt:.1f}" if pt else "-"
         ratio = f"{cw / pt:.2f}x" if pt else "-"
-        print(f"| {model} | {dtype} | {test} | {cw:.1f} | {peer} | {ratio} |")
+        extra = f" {base:.1f} | {cw / base:.2f}x |" if base else ""
+        print(f"| {model} | {dtype} | {test} | {cw:.1f} | {peer} | {ratio} |" + extra)
 
 
 if __name__ == "__main__":
