@@ -4,6 +4,7 @@ from __future__ import annotations
 import _thread
 import json
 import shutil
+import signal
 import threading
 import time
 
@@ -214,7 +215,10 @@ def test_chat_applies_the_template(models):
 def test_ctrl_c_interrupts_generation(models):
     m = models["llama-tiny"]
     # Ctrl-C every 0.3 s until one lands: a single one can arrive inside a finalizer (a TextStream's __del__ run
-    # by the garbage collector), where Python reports and drops exceptions, as it would for a real Ctrl-C
+    # by the garbage collector), where Python reports and drops exceptions, as it would for a real Ctrl-C.
+    # Python's own SIGINT handler for the duration: a process started in the background (`cmd &`) inherits SIGINT
+    # ignored, and then interrupt_main() does nothing at all
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
 
     def press():
@@ -234,6 +238,7 @@ def test_ctrl_c_interrupts_generation(models):
             time.sleep(0.05)  # a Ctrl-C pressed just before the stop lands here, not in the next test
         except KeyboardInterrupt:
             pass
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
