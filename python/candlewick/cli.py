@@ -427,7 +427,7 @@ def _load_options() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N" (default: cpu)')
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
                    default=None, help="weights (default: the checkpoint's; float32 on CPU); q8_0 and the other "
-                                      "block formats quantize a Llama-family checkpoint as it loads")
+                                      "block formats quantize a decoder checkpoint as it loads")
     return p
 
 

@@ -134,6 +134,8 @@ pub struct Config {
     pub embed_scale: Option<f64>,
     /// A gated MLP (act(gate)·up, then down), or a plain one (act(up), then down: GPT-NeoX).
     pub gated_mlp: bool,
+    /// learned absolute positions added to the token embeddings (GPT-2), instead of RoPE
+    pub learned_positions: bool,
     pub raw: Value,
 }
 
@@ -393,7 +395,7 @@ impl Config {
         };
         let layer_window: Vec<Option<usize>> =
             layer_types.iter().map(|t| if t == "sliding_attention" { window_used } else { None }).collect();
-        if layer_window.iter().any(|w| *w == Some(0)) {
+        if layer_window.contains(&Some(0)) {
             return Err(Error::ModelLoad(format!("{file}: sliding_window must be positive")));
         }
         if layer_types.iter().any(|t| t == "sliding_attention") && window_used.is_none() {
@@ -440,7 +442,7 @@ impl Config {
         };
         let layer_rope: Vec<Option<usize>> = (0..num_layers)
             .map(|i| {
-                if nope[i] {
+                if nope[i] || arch == Arch::Gpt2 {
                     None
                 } else if gemma && layer_types[i] == "sliding_attention" {
                     Some(1)
@@ -457,7 +459,7 @@ impl Config {
             return Err(Error::ModelLoad(format!("{file}: partial_rotary_factor must be in (0, 1], got {partial}")));
         }
         let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim % 2 != 0 || rotary_dim == 0 {
+        if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
             return Err(Error::ModelLoad(format!(
                 "{file}: partial_rotary_factor {partial} gives an odd or empty rotary dimension ({rotary_dim}) for head_dim {head_dim}"
             )));
@@ -477,7 +479,8 @@ impl Config {
             return Err(Error::ModelLoad(format!("{file}: missing field \"intermediate_size\"")));
         }
         let attention_bias = r.bool_or("attention_bias", neox);
-        let qkv_bias = mt == "qwen2" || attention_bias;
+        let gpt2 = arch == Arch::Gpt2;
+        let qkv_bias = mt == "qwen2" || attention_bias || gpt2;
         let attn_scale = if gemma {
             r.f64_or(&["query_pre_attn_scalar"], 256.0)?.powf(-0.5)
         } else if arch == Arch::Gpt2 && !r.bool_or("scale_attn_weights", true) {
@@ -499,14 +502,11 @@ impl Config {
             norm_eps,
             rope_theta: rope0.theta,
             rope_scaling: rope0.scaling,
-            tie_word_embeddings: r.bool_or("tie_word_embeddings", match mt {
-                "llama" | "mistral" | "phi3" | "gpt_neox" => false,
-                _ => true,
-            }),
+            tie_word_embeddings: r.bool_or("tie_word_embeddings", !matches!(mt, "llama" | "mistral" | "phi3" | "gpt_neox")),
             hidden_act,
             qkv_bias,
-            o_bias: mt != "qwen2" && attention_bias,
-            mlp_bias: r.bool_or("mlp_bias", neox),
+            o_bias: (mt != "qwen2" && attention_bias) || gpt2,
+            mlp_bias: r.bool_or("mlp_bias", neox) || gpt2,
             type_vocab_size: r.usize_or(&["type_vocab_size"], 2)?,
             bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
             ropes,
@@ -525,10 +525,11 @@ impl Config {
                 Residual::Sequential
             },
             norm_plus_one: gemma,
-            layer_norm: neox,
+            layer_norm: neox || gpt2,
             qk_norm: matches!(mt, "qwen3" | "gemma3_text"),
             embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
-            gated_mlp: !neox,
+            gated_mlp: !neox && !gpt2,
+            learned_positions: gpt2,
             model_type,
             raw: v,
         })

@@ -27,8 +27,13 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Candle appends a backtrace to its messages when RUST_BACKTRACE is set; users get the message itself.
-fn first_line(e: &candle_core::Error) -> String {
+pub(crate) fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// The first token id that is not in 0..limit (ids arrive from Python as i64, possibly negative or huge).
+pub fn first_out_of_range(ids: impl IntoIterator<Item = i64>, limit: usize) -> Option<i64> {
+    ids.into_iter().find(|&i| i < 0 || i as u64 >= limit as u64)
 }
 
 impl Error {

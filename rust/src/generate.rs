@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::models::Cache;
+use crate::nn::Cache;
 use crate::sampling::{log_softmax, next_token, History, Rng, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -171,7 +171,7 @@ impl Generation {
             // Prefill the prompt once, alone; its n choices share the result.
             let mut cache = model.new_cache();
             let ids = Tensor::new(p.as_slice(), &model.device)?.unsqueeze(0)?;
-            let pos = crate::models::positions(1, p.len(), 0, &model.device)?;
+            let pos = crate::nn::positions(1, p.len(), 0, &model.device)?;
             let hidden = model.forward_last(&ids, &pos, None, &mut cache)?; // [1, 1, C]
             let last = model.lm_head(&hidden)?.flatten_all()?.to_vec1::<f32>()?;
             for c in 0..params.n {

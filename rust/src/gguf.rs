@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::config::{Config, RopeScaling};
-use crate::error::{Error, Result};
+use crate::error::{first_line, Error, Result};
 use crate::tokenizer::Tokenizer;
 
 pub struct Gguf {
@@ -171,7 +171,7 @@ impl Gguf {
                 rope.insert("rope_type".into(), json!("linear"));
                 rope.insert("factor".into(), json!(f));
             }
-            (Some("none"), Some(f)) if f == 1.0 => {}
+            (Some("none"), Some(1.0)) => {}
             (Some(t), _) => {
                 return Err(Error::load(&self.path, format!("{} {t:?} is not implemented (implemented: none, linear)", k("rope.scaling.type"))))
             }
@@ -403,10 +403,6 @@ fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
     // a stable sort, highest score first, as Python's sorted(..., reverse=True) leaves equal scores in order
     merges.sort_by(|a, b| b.0.total_cmp(&a.0));
     merges.into_iter().map(|(_, l, r)| (tokens[l].clone(), tokens[r].clone())).collect()
-}
-
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

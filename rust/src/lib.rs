@@ -1,18 +1,21 @@
 //! candlewick: Transformer inference on Candle. The core is plain Rust; `py/` holds the only Python bindings.
+//!
+//! `kernels/` are the CPU kernels on slices; `nn/` the layers on tensors that hold weights and call them;
+//! `models/` the architectures wired from those layers; `model.rs` loads any of them from safetensors or GGUF;
+//! `generate.rs` and `sampling.rs` decode. docs/architecture.md has the whole map.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
-pub mod cpu_attention;
 pub mod device;
 pub mod error;
-pub mod fastmath;
 pub mod generate;
 pub mod gguf;
-pub mod linear;
+pub mod kernels;
 pub mod model;
 pub mod models;
+pub mod nn;
 pub mod ops;
-pub mod qkernels;
-pub mod quantized;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

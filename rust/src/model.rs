@@ -9,15 +9,17 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, Config};
 use crate::device::on_workers;
-use crate::error::{Error, Result};
+use crate::error::{first_out_of_range, Error, Result};
 use crate::gguf::Gguf;
-use crate::models::{bert::Bert, decoder::Decoder, gpt2::Gpt2, positions, Cache};
+use crate::models::{bert::Bert, decoder::Decoder};
+use crate::nn::{positions, Cache};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{safetensors_files, Weights};
 
 pub enum Net {
-    Gpt2(Gpt2),
-    Llama(Decoder),
+    /// GPT-2 and every rotary decoder (models/decoder.rs)
+    Decoder(Decoder),
+    /// the BERT encoder (embeddings only)
     Bert(Bert),
 }
 
@@ -41,6 +43,8 @@ impl Model {
     /// Load a Hugging Face-style checkpoint folder, or a GGUF file. `quant` quantizes a folder's projections at
     /// load time with llama.cpp's block formats (e.g. Q8_0).
     pub fn load(path: &Path, device: &Device, dtype: Option<DType>, quant: Option<GgmlDType>) -> Result<Self> {
+        // the kernels read CANDLEWICK_ISA once, later; a value naming no level is refused here, by name
+        crate::kernels::cpu::requested()?;
         if !path.exists() {
             return Err(Error::load(path, "no such file or folder"));
         }
@@ -62,13 +66,9 @@ impl Model {
         // Default: the checkpoint's dtype, except that CPU computes bf16/f16 files in f32 unless asked.
         let dtype = dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { weights.stored_dtype() });
         let net = match cfg.arch {
-            Arch::Gpt2 if quant.is_some() => {
-                return Err(Error::arg("load-time quantization is supported for Llama-family checkpoints only"))
-            }
-            Arch::Gpt2 => Net::Gpt2(Gpt2::load(&cfg, &weights, dtype, device)?),
-            Arch::Llama => Net::Llama(Decoder::load(&cfg, &weights, dtype, device, quant)?),
+            Arch::Gpt2 | Arch::Llama => Net::Decoder(Decoder::load(&cfg, &weights, dtype, device, quant)?),
             Arch::Bert if quant.is_some() => {
-                return Err(Error::arg("load-time quantization is supported for Llama-family checkpoints only"))
+                return Err(Error::arg("load-time quantization is supported for decoder checkpoints only, not BERT"))
             }
             Arch::Bert => Net::Bert(Bert::load(&cfg, &weights, dtype, device, path)?),
         };
@@ -84,10 +84,7 @@ impl Model {
         let g = Gguf::open(path)?;
         let cfg = g.config()?;
         let tokenizer = Some(Arc::new(g.tokenizer()?));
-        let net = match cfg.arch {
-            Arch::Gpt2 => Net::Gpt2(Gpt2::load_gguf(&cfg, &g, device)?),
-            _ => Net::Llama(Decoder::load_gguf(&cfg, &g, device)?),
-        };
+        let net = Net::Decoder(Decoder::load_gguf(&cfg, &g, device)?);
         Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype: DType::F32, path: path.to_path_buf() })
     }
 
@@ -106,7 +103,7 @@ impl Model {
         if ids.is_empty() {
             return Err(Error::arg(format!("{what} is empty: at least one token is needed")));
         }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+        if let Some(bad) = first_out_of_range(ids.iter().map(|&i| i64::from(i)), self.cfg.vocab_size) {
             return Err(Error::arg(format!(
                 "{what}: token id {bad} is out of range for a vocabulary of {}",
                 self.cfg.vocab_size
@@ -130,7 +127,7 @@ impl Model {
             self.check_ids(s, &if seqs.len() == 1 { "input".to_string() } else { format!("sequence {i}") })?;
         }
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0).take(t - s.len()))).collect();
+        let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, t - s.len()))).collect();
         Ok(Batch { ids: Tensor::from_vec(flat, (seqs.len(), t), &self.device)?, t })
     }
 
@@ -157,16 +154,14 @@ impl Model {
         last_only: bool,
     ) -> Result<Tensor> {
         on_workers(|| match &self.net {
-            Net::Gpt2(m) => m.forward(ids, positions, mask, cache, layers_out, last_only),
-            Net::Llama(m) => m.forward(ids, positions, mask, cache, layers_out, last_only),
+            Net::Decoder(m) => m.forward(ids, positions, mask, cache, layers_out, last_only),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
         })
     }
 
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         on_workers(|| match &self.net {
-            Net::Gpt2(m) => m.lm_head(hidden),
-            Net::Llama(m) => m.lm_head(hidden),
+            Net::Decoder(m) => m.lm_head(hidden),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): it has no language-model head")),
         })
     }
@@ -241,7 +236,7 @@ impl Model {
         if ids.len() < 2 {
             return Err(Error::arg("perplexity needs at least two tokens"));
         }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+        if let Some(bad) = first_out_of_range(ids.iter().map(|&i| i64::from(i)), self.cfg.vocab_size) {
             return Err(Error::arg(format!("token id {bad} is out of range for a vocabulary of {}", self.cfg.vocab_size)));
         }
         let ctx = self.cfg.context_length();
@@ -306,7 +301,7 @@ impl Model {
         }
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let pad = |s: &Vec<u32>, fill: u32, val: Option<u32>| -> Vec<u32> {
-            s.iter().map(|&x| val.unwrap_or(x)).chain(std::iter::repeat(fill).take(t - s.len())).collect()
+            s.iter().map(|&x| val.unwrap_or(x)).chain(std::iter::repeat_n(fill, t - s.len())).collect()
         };
         let ids: Vec<u32> = seqs.iter().flat_map(|s| pad(s, 0, None)).collect();
         let mask: Vec<u32> = seqs.iter().flat_map(|s| pad(s, 0, Some(1))).collect();

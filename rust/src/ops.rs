@@ -108,13 +108,13 @@ pub fn attention_with(
     }
     let rep = h / hkv;
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
-    if window == Some(0) || softcap.is_some_and(|c| !(c > 0.0)) {
+    if window == Some(0) || softcap.is_some_and(|c| c.is_nan() || c <= 0.0) {
         return Err(Error::arg(format!("attention: window must be >= 1 and softcap > 0, got {window:?}, {softcap:?}")));
     }
     if tq > tk && window.is_some() {
         return Err(Error::arg(format!("attention: a sliding window needs Tq <= Tk, got q {:?}, k {:?}", q.dims(), k.dims())));
     }
-    if let Some(y) = crate::cpu_attention::attention(q, k, v, causal, mask, scale, window, softcap)? {
+    if let Some(y) = crate::kernels::attention::attention(q, k, v, causal, mask, scale, window, softcap)? {
         return Ok(y); // f32 on CPU: blocked, skipping the keys a causal block cannot see
     }
     // The query heads that share a key/value head are adjacent, so [B, H, Tq, D] reads as
@@ -265,7 +265,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// GELU: x·Φ(x) exactly (`approximate = false`), or the tanh approximation GPT-2 uses (`gelu_new`).
 pub fn gelu(x: &Tensor, approximate: bool) -> Result<Tensor> {
     if approximate {
-        if let Some(y) = crate::fastmath::activation(x, crate::fastmath::Act::GeluTanh)? {
+        if let Some(y) = crate::kernels::act::activation(x, crate::kernels::act::Act::GeluTanh)? {
             return Ok(y); // f32 on CPU: vectorised
         }
     }
@@ -274,7 +274,7 @@ pub fn gelu(x: &Tensor, approximate: bool) -> Result<Tensor> {
 
 /// SiLU (swish): x·σ(x).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = crate::fastmath::activation(x, crate::fastmath::Act::Silu)? {
+    if let Some(y) = crate::kernels::act::activation(x, crate::kernels::act::Act::Silu)? {
         return Ok(y); // f32 on CPU: vectorised
     }
     Ok(x.silu()?)
@@ -282,7 +282,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// SwiGLU on fused gate/up projections: y [..., 2F] -> silu(y[..., :F]) · y[..., F:].
 pub fn swiglu(y: &Tensor) -> Result<Tensor> {
-    if let Some(out) = crate::fastmath::swiglu(y)? {
+    if let Some(out) = crate::kernels::act::swiglu(y)? {
         return Ok(out); // f32 on CPU: one vectorised pass
     }
     let last = y.rank() - 1;

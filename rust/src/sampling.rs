@@ -9,6 +9,7 @@
 //!   6. top_p: sort by probability descending (ties: lower id first), keep the shortest prefix whose
 //!      cumulative probability is >= top_p (at least one token)
 //!   7. min_p: keep p >= min_p · max p
+//!
 //! The token is drawn by inverse CDF: u uniform in [0, 1); the first id whose cumulative probability > u · total.
 //! All of this runs in f64 on the model's f32 logits, so the engine's distribution matches the reference's.
 

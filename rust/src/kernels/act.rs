@@ -65,8 +65,8 @@ unsafe fn apply_avx2(a: Act, src: &[f32], dst: &mut [f32]) {
 pub fn apply(a: Act, src: &[f32], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
+    if super::cpu::isa() >= super::cpu::Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the Avx2 level).
         return unsafe { apply_avx2(a, src, dst) };
     }
     apply_generic(a, src, dst)
@@ -90,10 +90,10 @@ unsafe fn silu_mul_avx2(src: &[f32], dst: &mut [f32], f: usize) {
 
 /// SwiGLU on fused gate/up rows: src rows of 2f ([gate | up]) -> dst rows of f, silu(gate)·up, on this thread.
 pub fn silu_mul(src: &[f32], dst: &mut [f32], f: usize) {
-    assert!(f > 0 && src.len() == 2 * dst.len() && dst.len() % f == 0);
+    assert!(f > 0 && src.len() == 2 * dst.len() && dst.len().is_multiple_of(f));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
+    if super::cpu::isa() >= super::cpu::Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the Avx2 level).
         return unsafe { silu_mul_avx2(src, dst, f) };
     }
     silu_mul_generic(src, dst, f)
@@ -102,8 +102,8 @@ pub fn silu_mul(src: &[f32], dst: &mut [f32], f: usize) {
 /// x ← exp(x - max x) in place; returns Σ exp(x - max x) (a softmax row before its division).
 pub fn exp_shifted_sum(x: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
+    if super::cpu::isa() >= super::cpu::Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the Avx2 level).
         return unsafe { exp_shifted_sum_avx2(x) };
     }
     exp_shifted_sum_generic(x)

@@ -11,7 +11,7 @@ use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::linear::SendPtr;
+use super::cpu::SendPtr;
 
 /// Queries per task.
 const QBLOCK: usize = 64;
@@ -186,7 +186,7 @@ fn block(
         before.fill(0.0);
         let (vis, hidden) = rest.split_at_mut(seen - from);
         hidden.fill(0.0);
-        inv[r] = 1.0 / crate::fastmath::exp_shifted_sum(vis);
+        inv[r] = 1.0 / crate::kernels::act::exp_shifted_sum(vis);
     }
     // O = P V   [rows, d]
     // SAFETY: P is S; V is [kend, d] read at v[j·v_rs + c]; O is [rows, d] row-major.

@@ -1,6 +1,6 @@
-//! y = x·Wᵀ + b with W given [out, in] as in PyTorch checkpoints.
+//! Dense matrix products on CPU: y = x·Wᵀ + b with W given [out, in] as in PyTorch checkpoints.
 //!
-//! On CPU, `Linear::new` stores an f32, bf16 or f16 weight in *panels*: blocks of 64 output rows, each stored
+//! `Panels::new` stores an f32, bf16 or f16 weight in *panels*: blocks of 64 output rows, each stored
 //! transposed ([in, 64], row-major), one after the other — a permutation of the weight, no extra memory. Both
 //! kernels then read the weight front to back:
 //! - few rows (M = product of x's leading dims <= `SMALL_M`; decoding is M = 1): each panel gives 64 outputs as
@@ -14,18 +14,14 @@
 //!   copy it makes of a row-major weight: ~195 GFLOP/s on 2 Zen 4 cores at M = 128, against 100-160 through
 //!   Candle's matmul (which also gets gemm's AVX-512 kernels from the `x86-v4` feature in Cargo.toml).
 //!
-//! Everything else (other devices, non-f32 activations, other weight dtypes) keeps the plain Candle path,
-//! `forward_naive`, on the [out, in] weight (rebuilt from the panels, once, if asked for on CPU).
+//! The layer that holds a weight this way, and falls back to Candle's matmul elsewhere, is `nn::linear::Dense`.
 
-use std::sync::{Arc, OnceLock};
-
-use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use super::cpu::{self, par_tasks, SendPtr};
 
-/// Up to this many rows of x, `forward` uses the panel matrix-vector kernel; above it, gemm.
+/// Up to this many rows of x, `matmul` uses the panel matrix-vector kernel; above it, gemm.
 pub const SMALL_M: usize = 8;
 
 /// Output rows per panel.
@@ -34,18 +30,8 @@ const PANEL: usize = 64;
 /// Rows of x per gemm task (prefill), at most.
 const GEMM_ROWS: usize = 128;
 
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// [out, in]. On CPU (f32/bf16/f16) this is only filled in when `weight()` or `forward_naive` needs it.
-    weight: OnceLock<Tensor>,
-    /// The weight in panels, on CPU.
-    packed: Option<Arc<Packed>>,
-    /// [out]
-    bias: Option<Tensor>,
-    out_features: usize,
-}
-
-enum PackedData {
+/// The panels' elements, at the width the weight was given.
+pub enum PanelData {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
@@ -53,27 +39,67 @@ enum PackedData {
 
 /// An [n, k] weight in panels of `PANEL` rows: panel p (rows p·PANEL .. p·PANEL + nr) is stored transposed,
 /// [k, nr] row-major, from element p·PANEL·k on.
-struct Packed {
-    data: PackedData,
+pub struct Panels {
+    data: PanelData,
     n: usize,
     k: usize,
-    device: Device,
 }
 
-impl std::fmt::Debug for Packed {
+impl std::fmt::Debug for Panels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let dtype = match self.data {
-            PackedData::F32(_) => "f32",
-            PackedData::BF16(_) => "bf16",
-            PackedData::F16(_) => "f16",
+            PanelData::F32(_) => "f32",
+            PanelData::BF16(_) => "bf16",
+            PanelData::F16(_) => "f16",
         };
-        write!(f, "Packed[{}, {}; {dtype}; panels of {PANEL} rows]", self.n, self.k)
+        write!(f, "Panels[{}, {}; {dtype}; panels of {PANEL} rows]", self.n, self.k)
+    }
+}
+
+impl Panels {
+    /// From an [n, k] row-major weight.
+    pub fn new<W: Elem>(w: &[W], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k);
+        Self { data: W::into_data(pack(w, n, k)), n, k }
+    }
+
+    /// Output rows.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The weight back as [n, k] row-major, at its width.
+    pub fn unpack(&self) -> PanelData {
+        let (n, k) = (self.n, self.k);
+        match &self.data {
+            PanelData::F32(d) => PanelData::F32(unpack(d, n, k)),
+            PanelData::BF16(d) => PanelData::BF16(unpack(d, n, k)),
+            PanelData::F16(d) => PanelData::F16(unpack(d, n, k)),
+        }
+    }
+
+    /// out [m, n] = x [m, k] · Wᵀ + bias [n].
+    pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        match &self.data {
+            PanelData::F32(w) => matmul(x, m, k, w, n, bias),
+            PanelData::BF16(w) => matmul(x, m, k, w, n, bias),
+            PanelData::F16(w) => matmul(x, m, k, w, n, bias),
+        }
     }
 }
 
 /// [n, k] row-major -> panels.
 fn pack<W: Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize) -> Vec<W> {
     let mut out = vec![W::default(); n * k];
+    if k == 0 {
+        return out;
+    }
     out.par_chunks_mut(PANEL * k).enumerate().for_each(|(p, panel)| {
         let r0 = p * PANEL;
         let nr = panel.len() / k;
@@ -90,6 +116,9 @@ fn pack<W: Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize) -> Vec<W> 
 /// Panels -> [n, k] row-major.
 fn unpack<W: Copy + Send + Sync + Default>(p: &[W], n: usize, k: usize) -> Vec<W> {
     let mut out = vec![W::default(); n * k];
+    if k == 0 {
+        return out;
+    }
     out.par_chunks_mut(PANEL * k).enumerate().for_each(|(b, rows)| {
         let nr = rows.len() / k;
         let panel = &p[b * PANEL * k..b * PANEL * k + nr * k];
@@ -100,129 +129,6 @@ fn unpack<W: Copy + Send + Sync + Default>(p: &[W], n: usize, k: usize) -> Vec<W
         }
     });
     out
-}
-
-impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        let weight = weight.contiguous()?;
-        let packed = if weight.device().is_cpu() && n > 0 && k > 0 {
-            let (storage, layout) = weight.storage_and_layout();
-            let data = match weight.dtype() {
-                DType::F32 => Some(PackedData::F32(pack(cpu_slice::<f32>(&storage, layout)?, n, k))),
-                DType::BF16 => Some(PackedData::BF16(pack(cpu_slice::<bf16>(&storage, layout)?, n, k))),
-                DType::F16 => Some(PackedData::F16(pack(cpu_slice::<f16>(&storage, layout)?, n, k))),
-                _ => None,
-            };
-            data.map(|data| Arc::new(Packed { data, n, k, device: weight.device().clone() }))
-        } else {
-            None
-        };
-        let cell = OnceLock::new();
-        if packed.is_none() {
-            let _ = cell.set(weight);
-        }
-        Ok(Self { weight: cell, packed, bias, out_features: n })
-    }
-
-    /// The weight, [out, in].
-    pub fn weight(&self) -> &Tensor {
-        self.weight.get_or_init(|| {
-            let p = self.packed.as_ref().expect("a Linear holds its weight or its panels");
-            let (n, k, dev) = (p.n, p.k, &p.device);
-            let t = match &p.data {
-                PackedData::F32(d) => Tensor::from_vec(unpack(d, n, k), (n, k), dev),
-                PackedData::BF16(d) => Tensor::from_vec(unpack(d, n, k), (n, k), dev),
-                PackedData::F16(d) => Tensor::from_vec(unpack(d, n, k), (n, k), dev),
-            };
-            t.expect("a CPU tensor of the weight's own size")
-        })
-    }
-
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
-    pub fn out_features(&self) -> usize {
-        self.out_features
-    }
-
-    /// x [..., in] -> [..., out]
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.forward_cpu(x)? {
-            return Ok(y);
-        }
-        self.forward_naive(x)
-    }
-
-    /// The plain Candle version: `x · Wᵀ + b`, converting a bf16/f16 weight to x's dtype first (and, for a bf16
-    /// weight, rounding x to bf16 first, as the fast kernels do).
-    pub fn forward_naive(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.weight();
-        let rounded;
-        let x = if weight.dtype() == DType::BF16 && x.dtype() != DType::BF16 {
-            rounded = x.to_dtype(DType::BF16)?.to_dtype(x.dtype())?;
-            &rounded
-        } else {
-            x
-        };
-        let w = if weight.dtype() == x.dtype() { weight.clone() } else { weight.to_dtype(x.dtype())? };
-        let y = x.broadcast_matmul(&w.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-            None => y,
-        })
-    }
-
-    /// The CPU kernels, or None where they do not apply (the caller then takes the Candle path).
-    fn forward_cpu(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(p) = &self.packed else { return Ok(None) };
-        let (n, k) = (p.n, p.k);
-        if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() == 0 {
-            return Ok(None);
-        }
-        if x.dims()[x.rank() - 1] != k || x.elem_count() == 0 {
-            return Ok(None); // let Candle report the shape error (or handle the empty case)
-        }
-        let m = x.elem_count() / k;
-        let x = x.contiguous()?;
-        let bias = match &self.bias {
-            Some(b) if b.dims1()? != n => return Ok(None),
-            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
-            None => None,
-        };
-        let (xg, xl) = x.storage_and_layout();
-        let xs = cpu_slice::<f32>(&xg, xl)?;
-        let bg = bias.as_ref().map(|b| b.storage_and_layout());
-        let bs = match &bg {
-            Some((g, l)) => Some(cpu_slice::<f32>(g, l)?),
-            None => None,
-        };
-        if xs.len() != m * k || bs.is_some_and(|b| b.len() != n) {
-            return Err(Error::arg(format!("linear: unexpected sizes for x [{m}, {k}] and weight [{n}, {k}]")));
-        }
-        let out = match &p.data {
-            PackedData::F32(w) => matmul(xs, m, k, w, n, bs),
-            PackedData::BF16(w) => matmul(xs, m, k, w, n, bs),
-            PackedData::F16(w) => matmul(xs, m, k, w, n, bs),
-        };
-        drop((xg, bg));
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().unwrap() = n;
-        Ok(Some(Tensor::from_vec(out, dims, x.device())?))
-    }
-}
-
-/// The activation dtype for weights of `dtype` on `device`: CPU computes in f32 (its matmuls have no bf16).
-pub fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType {
-    if device.is_cpu() { DType::F32 } else { dtype }
-}
-
-/// The contiguous data of a CPU tensor.
-fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<&'a [T]> {
-    let Storage::Cpu(cpu) = storage else { return Err(Error::arg("linear: expected a CPU tensor")) };
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| Error::arg("linear: expected a contiguous tensor"))?;
-    Ok(&cpu.as_slice::<T>()?[start..end])
 }
 
 /// out [M, N] = x [M, K] · Wᵀ + bias, W [N, K] in panels.
@@ -246,7 +152,7 @@ fn matmul<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, bias: Optio
 
 /// The bf16 nearest to `v` (ties to even), as an f32.
 #[inline(always)]
-fn round_bf16(v: f32) -> f32 {
+pub(crate) fn round_bf16(v: f32) -> f32 {
     let b = v.to_bits();
     if v.is_nan() {
         return v;
@@ -258,7 +164,7 @@ fn round_bf16(v: f32) -> f32 {
 // Weight element types
 
 /// A weight element: f32, or a 16-bit float widened to f32 as it is read.
-pub(crate) trait Elem: WithDType {
+pub trait Elem: Copy + Send + Sync + Default + 'static {
     /// Widen `src` into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
     /// The data itself when it is already f32.
@@ -271,12 +177,21 @@ pub(crate) trait Elem: WithDType {
     fn bf16_bits(_s: &[Self]) -> Option<&[u16]> {
         None
     }
-    /// 8 elements at `p`, widened; only called from functions compiled with avx2, fma and f16c.
+    /// The panels' storage for elements of this type.
+    fn into_data(v: Vec<Self>) -> PanelData;
+    /// 8 elements at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points to 8 readable elements, and the caller is compiled with (and runs on a CPU that has) avx2,
+    /// fma and f16c.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl Elem for f32 {
+    fn into_data(v: Vec<f32>) -> PanelData {
+        PanelData::F32(v)
+    }
     fn widen(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src)
     }
@@ -286,11 +201,15 @@ impl Elem for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+        // SAFETY: the caller passes 8 readable f32 at p, from code compiled with avx2 (unaligned load).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
     }
 }
 
 impl Elem for bf16 {
+    fn into_data(v: Vec<bf16>) -> PanelData {
+        PanelData::BF16(v)
+    }
     const IS_BF16: bool = true;
     fn bf16_bits(s: &[bf16]) -> Option<&[u16]> {
         Some(half::slice::HalfFloatSliceExt::reinterpret_cast(s))
@@ -305,12 +224,18 @@ impl Elem for bf16 {
     #[inline(always)]
     unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        // SAFETY: the caller passes 8 readable bf16 (16 bytes) at p, from code compiled with avx2.
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
     }
 }
 
 impl Elem for f16 {
+    fn into_data(v: Vec<f16>) -> PanelData {
+        PanelData::F16(v)
+    }
     fn widen(src: &[f16], dst: &mut [f32]) {
         // half picks F16C / NEON at run time
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
@@ -319,30 +244,9 @@ impl Elem for f16 {
     #[inline(always)]
     unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        // SAFETY: the caller passes 8 readable f16 (16 bytes) at p, from code compiled with avx2 and f16c.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Threads
-
-/// The output buffer, shared by tasks that each write their own disjoint part of it.
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    pub(crate) fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Run f(0..n_tasks) on rayon's pool, returning when all are done (a single task runs on the caller).
-fn par_tasks(n_tasks: usize, f: impl Fn(usize) + Sync) {
-    if n_tasks <= 1 {
-        (0..n_tasks).for_each(f);
-        return;
-    }
-    (0..n_tasks).into_par_iter().for_each(&f);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -353,7 +257,7 @@ const MIN_TASK_BYTES: usize = 256 * 1024;
 
 /// Panels per parallel task: about 4 tasks per thread, each at least `MIN_TASK_BYTES` of weights.
 fn panels_per_task(n_panels: usize, panel_bytes: usize) -> usize {
-    let tasks = 4 * rayon::current_num_threads().max(1);
+    let tasks = 4 * cpu::threads();
     n_panels.div_ceil(tasks).max(MIN_TASK_BYTES.div_ceil(panel_bytes.max(1))).clamp(1, n_panels.max(1))
 }
 
@@ -390,20 +294,11 @@ pub(crate) fn matvec<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, 
 fn panel_dot<W: Elem>(x: &[f32], panel: &[W], nr: usize, out: &mut [f32]) {
     assert!(panel.len() == x.len() * nr && out.len() == nr);
     #[cfg(target_arch = "x86_64")]
-    if nr == PANEL && has_avx2_fma() {
-        // SAFETY: the CPU has avx2, fma and f16c (checked at run time); sizes asserted above.
+    if nr == PANEL && cpu::isa() >= cpu::Isa::Avx2 {
+        // SAFETY: the CPU has avx2, fma and f16c (the Avx2 level); sizes asserted above.
         return unsafe { avx2::panel_dot(x, panel, out) };
     }
     portable::panel_dot(x, panel, nr, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    })
 }
 
 /// Plain Rust that LLVM vectorises for the target's baseline (SSE2 on x86-64, NEON on aarch64): 64 accumulators
@@ -459,17 +354,21 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn panel_dot<W: Elem>(x: &[f32], panel: &[W], out: &mut [f32]) {
         assert!(panel.len() >= x.len() * PANEL && out.len() >= PANEL);
-        let mut acc = [_mm256_setzero_ps(); PANEL / 8];
-        let p = panel.as_ptr();
-        for (q, &xq) in x.iter().enumerate() {
-            let xb = _mm256_set1_ps(xq);
-            let row = p.add(q * PANEL);
-            for u in 0..PANEL / 8 {
-                acc[u] = _mm256_fmadd_ps(W::load8(row.add(8 * u)), xb, acc[u]);
+        // SAFETY: the caller guarantees avx2, fma and f16c; the assert bounds every read (q·PANEL + 8u + 8 <=
+        // panel.len()) and write (8u + 8 <= PANEL <= out.len()).
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); PANEL / 8];
+            let p = panel.as_ptr();
+            for (q, &xq) in x.iter().enumerate() {
+                let xb = _mm256_set1_ps(xq);
+                let row = p.add(q * PANEL);
+                for u in 0..PANEL / 8 {
+                    acc[u] = _mm256_fmadd_ps(W::load8(row.add(8 * u)), xb, acc[u]);
+                }
             }
-        }
-        for u in 0..PANEL / 8 {
-            _mm256_storeu_ps(out.as_mut_ptr().add(8 * u), acc[u]);
+            for u in 0..PANEL / 8 {
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * u), acc[u]);
+            }
         }
     }
 }
@@ -489,7 +388,7 @@ pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: us
     }
     let n_panels = n.div_ceil(PANEL);
     // blocks of at most 128 rows of x, smaller (down to 32) when there are too few panels to keep all threads busy
-    let want_tasks = 8 * rayon::current_num_threads();
+    let want_tasks = 8 * cpu::threads();
     let n_mc = m.div_ceil(GEMM_ROWS).max(want_tasks.div_ceil(n_panels).min(m.div_ceil(32)));
     let rows = m.div_ceil(n_mc);
     let n_mc = m.div_ceil(rows);
@@ -497,7 +396,7 @@ pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: us
     // bf16 weights on CPUs with bf16 dot products: x as bf16 pairs (already rounded by `matmul`)
     #[cfg(target_arch = "x86_64")]
     let xb: Option<Vec<u16>> = match W::bf16_bits(w) {
-        Some(_) if k % 2 == 0 && bf16x::available() => Some(x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()),
+        Some(_) if k.is_multiple_of(2) && cpu::has_bf16_dot() => Some(x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()),
         _ => None,
     };
     // consecutive tasks share a panel (rayon hands each thread a contiguous range of tasks)
@@ -508,7 +407,7 @@ pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: us
         let panel = &w[r0 * k..(r0 + nr) * k];
         #[cfg(target_arch = "x86_64")]
         if let (Some(xb), Some(bits), true) = (&xb, W::bf16_bits(panel), nr == PANEL) {
-            // SAFETY: the CPU has AVX512-BF16 (`available`); task t alone writes rows i0..i0+mr x columns
+            // SAFETY: the CPU has AVX512-BF16 (`has_bf16_dot`); task t alone writes rows i0..i0+mr x columns
             // r0..r0+64 of out, which has rows of n; xb is [m, k] with k even.
             unsafe { bf16x::panel_rows(&xb[i0 * k..(i0 + mr) * k], mr, k, bits, dst.get().add(i0 * n + r0), n, bias.is_some()) };
             return;
@@ -561,34 +460,31 @@ mod bf16x {
 
     use super::PANEL;
 
-    pub(super) fn available() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"))
-    }
-
     /// out[i][j] (+)= Σ_q x[i][q]·panel[q][j] for i < rows, j < 64; x [rows, k] bf16 bits, out rows `os` apart;
     /// `add`: out already holds the bias.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn panel_rows(x: &[u16], rows: usize, k: usize, panel: &[u16], out: *mut f32, os: usize, add: bool) {
-        debug_assert!(k % 2 == 0 && x.len() == rows * k && panel.len() == k * PANEL);
-        let mut pairs = vec![0u16; k * PANEL];
-        for q2 in 0..k / 2 {
-            let (a, b) = (&panel[2 * q2 * PANEL..][..PANEL], &panel[(2 * q2 + 1) * PANEL..][..PANEL]);
-            let dst = &mut pairs[q2 * 2 * PANEL..][..2 * PANEL];
-            for j in 0..PANEL {
-                dst[2 * j] = a[j];
-                dst[2 * j + 1] = b[j];
+        // SAFETY: the caller guarantees AVX512-F and BF16, x [rows, k] and panel [k, 64] as asserted, and that out has rows·os elements with 64 columns writable in each row; tile reads and writes only inside those.
+        unsafe {
+            debug_assert!(k.is_multiple_of(2) && x.len() == rows * k && panel.len() == k * PANEL);
+            let mut pairs = vec![0u16; k * PANEL];
+            for q2 in 0..k / 2 {
+                let (a, b) = (&panel[2 * q2 * PANEL..][..PANEL], &panel[(2 * q2 + 1) * PANEL..][..PANEL]);
+                let dst = &mut pairs[q2 * 2 * PANEL..][..2 * PANEL];
+                for j in 0..PANEL {
+                    dst[2 * j] = a[j];
+                    dst[2 * j + 1] = b[j];
+                }
             }
-        }
-        let mut i = 0;
-        while i + 6 <= rows {
-            tile::<6>(x[i * k..].as_ptr(), k, &pairs, out.add(i * os), os, add);
-            i += 6;
-        }
-        while i < rows {
-            tile::<1>(x[i * k..].as_ptr(), k, &pairs, out.add(i * os), os, add);
-            i += 1;
+            let mut i = 0;
+            while i + 6 <= rows {
+                tile::<6>(x[i * k..].as_ptr(), k, &pairs, out.add(i * os), os, add);
+                i += 6;
+            }
+            while i < rows {
+                tile::<1>(x[i * k..].as_ptr(), k, &pairs, out.add(i * os), os, add);
+                i += 1;
+            }
         }
     }
 
@@ -596,25 +492,28 @@ mod bf16x {
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::needless_range_loop)]
     unsafe fn tile<const MR: usize>(x: *const u16, k: usize, pairs: &[u16], out: *mut f32, os: usize, add: bool) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
-        let wp = pairs.as_ptr();
-        for q2 in 0..k / 2 {
-            let mut w = [_mm512_setzero_si512(); 4];
-            for v in 0..4 {
-                w[v] = _mm512_loadu_si512(wp.add(q2 * 2 * PANEL + v * 32) as *const _);
-            }
-            for r in 0..MR {
-                let xr = _mm512_set1_epi32((x.add(r * k + 2 * q2) as *const i32).read_unaligned());
+        // SAFETY: the caller (panel_rows) passes x with MR rows of k (even) u16, pairs of k·64 u16, and out with MR rows of 64 writable f32 spaced os apart: every load and store below stays inside them; the transmutes reinterpret 512 bits as 512 bits.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+            let wp = pairs.as_ptr();
+            for q2 in 0..k / 2 {
+                let mut w = [_mm512_setzero_si512(); 4];
                 for v in 0..4 {
-                    acc[r][v] = _mm512_dpbf16_ps(acc[r][v], std::mem::transmute::<__m512i, __m512bh>(w[v]), std::mem::transmute::<__m512i, __m512bh>(xr));
+                    w[v] = _mm512_loadu_si512(wp.add(q2 * 2 * PANEL + v * 32) as *const _);
+                }
+                for r in 0..MR {
+                    let xr = _mm512_set1_epi32((x.add(r * k + 2 * q2) as *const i32).read_unaligned());
+                    for v in 0..4 {
+                        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], std::mem::transmute::<__m512i, __m512bh>(w[v]), std::mem::transmute::<__m512i, __m512bh>(xr));
+                    }
                 }
             }
-        }
-        for r in 0..MR {
-            for v in 0..4 {
-                let o = out.add(r * os + 16 * v);
-                let y = if add { _mm512_add_ps(acc[r][v], _mm512_loadu_ps(o)) } else { acc[r][v] };
-                _mm512_storeu_ps(o, y);
+            for r in 0..MR {
+                for v in 0..4 {
+                    let o = out.add(r * os + 16 * v);
+                    let y = if add { _mm512_add_ps(acc[r][v], _mm512_loadu_ps(o)) } else { acc[r][v] };
+                    _mm512_storeu_ps(o, y);
+                }
             }
         }
     }
@@ -623,67 +522,7 @@ mod bf16x {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
-
-    /// Deterministic values in [-1, 1).
-    fn vals(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// Plain f64 loop: the reference every kernel must agree with.
-    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f64> {
-        let mut out = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let d: f64 = (0..k).map(|q| x[i * k + q] as f64 * w[j * k + q] as f64).sum();
-                out[i * n + j] = d + bias.map_or(0.0, |b| b[j] as f64);
-            }
-        }
-        out
-    }
-
-    /// Compare `forward` (the fast kernels) and `forward_naive` with the f64 reference, for x of shape `lead` + [k].
-    fn check(lead: &[usize], k: usize, n: usize, dtype: DType, with_bias: bool) {
-        let dev = Device::Cpu;
-        let m: usize = lead.iter().product();
-        let (xv, wv, bv) = (vals(m * k, 1 + k as u64), vals(n * k, 2 + n as u64), vals(n, 3));
-        let w = Tensor::from_vec(wv, (n, k), &dev).unwrap().to_dtype(dtype).unwrap();
-        // the reference sees the weight as rounded to its dtype
-        let w32: Vec<f32> = w.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let bias = with_bias.then(|| Tensor::from_vec(bv.clone(), n, &dev).unwrap());
-        let lin = Linear::new(w, bias).unwrap();
-        let mut shape = lead.to_vec();
-        shape.push(k);
-        let x = Tensor::from_vec(xv.clone(), shape.clone(), &dev).unwrap();
-        // and, for a bf16 weight, the activations rounded to bf16 as well
-        let xr: Vec<f32> = if dtype == DType::BF16 { xv.iter().map(|&v| round_bf16(v)).collect() } else { xv.clone() };
-        let want = reference(&xr, m, k, &w32, n, with_bias.then_some(&bv[..]));
-        let fast = lin.forward(&x).unwrap();
-        let naive = lin.forward_naive(&x).unwrap();
-        let mut out_shape = lead.to_vec();
-        out_shape.push(n);
-        assert_eq!(fast.dims(), &out_shape[..]);
-        assert_eq!(naive.dims(), &out_shape[..]);
-        let fast: Vec<f32> = fast.flatten_all().unwrap().to_vec1().unwrap();
-        let naive: Vec<f32> = naive.flatten_all().unwrap().to_vec1().unwrap();
-        // |x|, |w| < 1: sums of k products; f32 accumulation error grows ~ k·eps at worst
-        let tol = 1e-5 * (k as f64).sqrt().max(1.0) + 1e-6;
-        for (idx, want) in want.iter().enumerate() {
-            let scale = 1.0f64.max(want.abs());
-            let (f, nv) = (fast[idx] as f64, naive[idx] as f64);
-            assert!((f - want).abs() <= tol * scale, "{lead:?}x{k}->{n} {dtype:?} bias={with_bias} [{idx}]: fast {f} vs {want}");
-            assert!((nv - want).abs() <= tol * scale, "naive {nv} vs {want}");
-            assert!((f - nv).abs() <= tol * scale, "fast {f} vs naive {nv}");
-        }
-    }
+    use crate::kernels::testing::{reference_matmul as reference, vals};
 
     #[test]
     fn bf16_rounding_is_to_nearest_even() {
@@ -696,33 +535,6 @@ mod tests {
         assert!(round_bf16(f32::NAN).is_nan());
         for v in vals(10_000, 9) {
             assert_eq!(round_bf16(v * 1e3), half::bf16::from_f32(v * 1e3).to_f32());
-        }
-    }
-
-    #[test]
-    fn fast_matches_naive() {
-        let shapes: &[(&[usize], usize, usize)] = &[
-            (&[1], 7, 13),
-            (&[1, 1], 1, 1),
-            (&[1, 1], 8, 3),
-            (&[1, 1], 33, 70),
-            (&[3], 257, 100),
-            (&[2, 3], 100, 257),
-            (&[1, 5], 768, 1000),
-            (&[7], 64, 31),
-            (&[8], 129, 65),
-            (&[9], 257, 100),
-            (&[2, 17], 100, 300),
-            (&[1, 40], 96, 257),
-            (&[200], 64, 30),
-            (&[1, 300], 70, 130),
-        ];
-        for &(lead, k, n) in shapes {
-            for dtype in [DType::F32, DType::BF16, DType::F16] {
-                for bias in [false, true] {
-                    check(lead, k, n, dtype, bias);
-                }
-            }
         }
     }
 
@@ -752,33 +564,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn weight_round_trips_through_panels() {
-        let dev = Device::Cpu;
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for &(n, k) in &[(1usize, 1usize), (13, 7), (64, 3), (130, 33)] {
-                let w = Tensor::from_vec(vals(n * k, 4), (n, k), &dev).unwrap().to_dtype(dtype).unwrap();
-                let lin = Linear::new(w.clone(), None).unwrap();
-                assert_eq!(lin.out_features(), n);
-                assert_eq!(lin.weight().dtype(), dtype);
-                let a: Vec<f32> = lin.weight().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                let b: Vec<f32> = w.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                assert_eq!(a, b);
-            }
-        }
-    }
-
-    #[test]
-    fn non_contiguous_input() {
-        let dev = Device::Cpu;
-        let (k, n) = (40, 23);
-        let w = Tensor::from_vec(vals(n * k, 9), (n, k), &dev).unwrap();
-        let lin = Linear::new(w, None).unwrap();
-        let x = Tensor::from_vec(vals(k * 3, 10), (k, 3), &dev).unwrap().t().unwrap(); // [3, k], strided
-        let a: Vec<f32> = lin.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = lin.forward_naive(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        for (a, b) in a.iter().zip(&b) {
-            assert!((a - b).abs() < 1e-5);
-        }
-    }
 }

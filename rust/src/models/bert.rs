@@ -5,23 +5,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{embed, merge_heads, split_heads};
+use super::{merge_heads, split_heads};
+use crate::nn::{embed, positions, Linear, Norm};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::linear::Linear;
 use crate::ops;
 use crate::weights::Weights;
-
-struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Norm {
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, eps)
-    }
-}
 
 struct Layer {
     query: Linear,
@@ -82,13 +71,13 @@ fn pooling_of(dir: &Path) -> Result<(Pooling, bool)> {
 
 impl Bert {
     pub fn load(cfg: &Config, w: &Weights, dtype: DType, device: &Device, dir: &Path) -> Result<Self> {
-        let act = crate::linear::compute_dtype(dtype, device);
+        let act = crate::nn::compute_dtype(dtype, device);
         let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
         let norm = |n: &str| -> Result<Norm> {
-            Ok(Norm { weight: w.get(&format!("{n}.weight"), &[c], act)?, bias: w.get(&format!("{n}.bias"), &[c], act)? })
+            Ok(Norm::layer(w.get(&format!("{n}.weight"), &[c], act)?, w.get(&format!("{n}.bias"), &[c], act)?, cfg.norm_eps))
         };
         let lin = |n: &str, out: usize, inp: usize| -> Result<Linear> {
-            Linear::new(w.get(&format!("{n}.weight"), &[out, inp], dtype)?, Some(w.get(&format!("{n}.bias"), &[out], act)?))
+            Linear::dense(w.get(&format!("{n}.weight"), &[out, inp], dtype)?, Some(w.get(&format!("{n}.bias"), &[out], act)?))
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -121,21 +110,21 @@ impl Bert {
     /// ids [B, T], attention_mask [B, T] (1 = token, 0 = padding) -> last_hidden_state [B, T, C].
     pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let (h, c, eps) = (self.cfg.num_heads, self.cfg.hidden_size, self.cfg.norm_eps);
+        let (h, c) = (self.cfg.num_heads, self.cfg.hidden_size);
         let d = c / h;
-        let pos = super::positions(b, t, 0, ids.device())?;
+        let pos = positions(b, t, 0, ids.device())?;
         let types = Tensor::zeros((b, t), DType::U32, ids.device())?;
         let x = ((embed(&self.word, ids)? + embed(&self.position, &pos)?)? + embed(&self.token_type, &types)?)?;
-        let mut x = self.emb_norm.forward(&x, eps)?;
+        let mut x = self.emb_norm.forward(&x)?;
         let mask = attention_mask.reshape((b, 1, 1, t))?; // keys that are padding get -inf
         for l in &self.layers {
             let q = split_heads(&l.query.forward(&x)?, h, d)?;
             let k = split_heads(&l.key.forward(&x)?, h, d)?;
             let v = split_heads(&l.value.forward(&x)?, h, d)?;
             let y = ops::attention(&q, &k, &v, false, Some(&mask), None)?;
-            x = l.attn_norm.forward(&(x + l.attn_out.forward(&merge_heads(&y)?)?)?, eps)?;
+            x = l.attn_norm.forward(&(x + l.attn_out.forward(&merge_heads(&y)?)?)?)?;
             let m = ops::gelu(&l.intermediate.forward(&x)?, false)?;
-            x = l.out_norm.forward(&(x + l.output.forward(&m)?)?, eps)?;
+            x = l.out_norm.forward(&(x + l.output.forward(&m)?)?)?;
         }
         Ok(x.to_dtype(DType::F32)?)
     }

@@ -1,11 +1,12 @@
-//! The pre-norm decoders with rotary positions: Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, SmolLM3, GPT-NeoX.
+//! The pre-norm decoders: GPT-2 (learned positions) and those with rotary positions: Llama, Mistral, Qwen2, Qwen3,
+//! Gemma 3, Phi-3, SmolLM3, GPT-NeoX.
 //!
 //! One block, wired by the config (models differ in a handful of switches: norm kind, q/k norm, residual wiring,
 //! gated or plain MLP, partial or no RoPE, sliding windows, soft-capping), and one loader for both formats: each
 //! architecture gives a table of tensor names for safetensors (Hugging Face) and for GGUF (llama.cpp), as
 //! llama.cpp's tensor-name map does.
 //!
-//!   x = embed[ids] (· embed_scale)
+//!   x = embed[ids] (· embed_scale) (+ pos_embed[positions])
 //!   each block: h = norm₁(x); q, k, v = split(h Wqkvᵀ); q, k = qk_norm(q, k); q, k = rope(q, k)
 //!               a = attention(q, k, v; causal, window) Woᵀ
 //!     sequential: x += a;            x += mlp(norm₂(x))
@@ -16,13 +17,12 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
-use super::{embed, last_rows, merge_heads, split_heads, Cache};
+use super::{last_rows, merge_heads, split_heads};
+use crate::nn::{embed, Cache, Linear, Norm};
 use crate::config::{activation, Act, Config, Residual};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
-use crate::linear::Linear;
 use crate::ops;
-use crate::quantized::Proj;
 use crate::weights::Weights;
 
 /// Where a model's tensors come from.
@@ -57,8 +57,9 @@ impl Source<'_> {
     }
 
     /// Projections of one input stored as one matrix (their weights [out_i, inp] stacked in the order given),
-    /// with biases `{name}.bias` when `bias`.
-    pub fn proj(&self, parts: &[(&str, usize)], inp: usize, bias: bool) -> Result<Proj> {
+    /// with biases `{name}.bias` when `bias`. `conv1d`: a safetensors checkpoint stores the weights [inp, out_i]
+    /// (GPT-2's Conv1D), transposed here once.
+    pub fn proj(&self, parts: &[(&str, usize)], inp: usize, bias: bool, conv1d: bool) -> Result<Linear> {
         let bias_of = |n: &str, o: usize| -> Result<Option<Tensor>> {
             if bias { Ok(Some(self.dense(&format!("{n}.bias"), &[o])?)) } else { Ok(None) }
         };
@@ -70,18 +71,19 @@ impl Source<'_> {
                 } else {
                     None
                 };
-                let weight = cat(parts.iter().map(|(n, o)| w.get(&format!("{n}.weight"), &[*o, inp], *dtype)).collect::<Result<_>>()?)?;
-                match quant {
-                    Some(q) => Proj::quantize(&weight, b, *q),
-                    None => Ok(Proj::Dense(Linear::new(weight, b)?)),
-                }
+                let get = |n: &str, o: usize| -> Result<Tensor> {
+                    let name = format!("{n}.weight");
+                    if conv1d { Ok(w.get(&name, &[inp, o], *dtype)?.t()?.contiguous()?) } else { w.get(&name, &[o, inp], *dtype) }
+                };
+                let weight = cat(parts.iter().map(|(n, o)| get(n, *o)).collect::<Result<_>>()?)?;
+                Linear::new(weight, b, *quant)
             }
             Source::Gguf { g, device } => {
                 let ps = parts
                     .iter()
-                    .map(|(n, o)| Proj::from_qtensor(g.qtensor(&format!("{n}.weight"), &[*o, inp], device)?, bias_of(n, *o)?))
+                    .map(|(n, o)| Linear::from_qtensor(g.qtensor(&format!("{n}.weight"), &[*o, inp], device)?, bias_of(n, *o)?))
                     .collect::<Result<Vec<_>>>()?;
-                Proj::fuse(ps)
+                Linear::fuse(ps)
             }
         }
     }
@@ -114,6 +116,10 @@ enum MlpIn {
 /// the module (`.weight`, and `.bias` for LayerNorm, are appended).
 struct Names {
     embed: &'static str,
+    /// learned positions (GPT-2), or ""
+    pos_embed: &'static str,
+    /// projection weights stored [in, out] (GPT-2's Conv1D in safetensors)
+    conv1d: bool,
     final_norm: &'static str,
     lm_head: &'static str,
     attn_norm: &'static str,
@@ -133,6 +139,8 @@ struct Names {
 /// llama.cpp's names (its tensor-name map), the same for every architecture but for the fused ones.
 const GGUF: Names = Names {
     embed: "token_embd.weight",
+    pos_embed: "position_embd.weight",
+    conv1d: false,
     final_norm: "output_norm",
     lm_head: "output",
     attn_norm: "blk.{i}.attn_norm",
@@ -150,6 +158,8 @@ const GGUF: Names = Names {
 /// Hugging Face's Llama names, which most of these architectures share.
 const HF_LLAMA: Names = Names {
     embed: "model.embed_tokens.weight",
+    pos_embed: "",
+    conv1d: false,
     final_norm: "model.norm",
     lm_head: "lm_head",
     attn_norm: "model.layers.{i}.input_layernorm",
@@ -192,40 +202,40 @@ fn names(model_type: &str, gguf: bool) -> Names {
         },
         // llama.cpp's converter reorders GPT-NeoX's per-head query_key_value into [q | k | v]
         ("gpt_neox", true) => Names { qkv: Qkv::Fused("blk.{i}.attn_qkv"), mlp_in: MlpIn::Plain("blk.{i}.ffn_up"), ..GGUF },
+        // (the loader also finds these under transformer., as GPT2LMHeadModel saves them)
+        ("gpt2", false) => Names {
+            embed: "wte.weight",
+            pos_embed: "wpe.weight",
+            conv1d: true,
+            final_norm: "ln_f",
+            lm_head: "lm_head",
+            attn_norm: "h.{i}.ln_1",
+            qkv: Qkv::Fused("h.{i}.attn.c_attn"),
+            o: "h.{i}.attn.c_proj",
+            ffn_norm: "h.{i}.ln_2",
+            mlp_in: MlpIn::Plain("h.{i}.mlp.c_fc"),
+            down: "h.{i}.mlp.c_proj",
+            ..HF_LLAMA
+        },
+        ("gpt2", true) => Names { qkv: Qkv::Fused("blk.{i}.attn_qkv"), mlp_in: MlpIn::Plain("blk.{i}.ffn_up"), ..GGUF },
         (_, false) => HF_LLAMA,
         (_, true) => GGUF,
-    }
-}
-
-/// RMSNorm (weight) or LayerNorm (weight, bias).
-struct Norm {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    eps: f64,
-}
-
-impl Norm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) => ops::layer_norm(x, &self.weight, b, self.eps),
-            None => ops::rms_norm(x, &self.weight, self.eps),
-        }
     }
 }
 
 struct Block {
     attn_norm: Norm,
     /// q, k and v projections side by side: [H·D | Hkv·D | Hkv·D] outputs
-    qkv: Proj,
+    qkv: Linear,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
-    o: Proj,
+    o: Linear,
     post_attn_norm: Option<Norm>,
     ffn_norm: Norm,
     post_ffn_norm: Option<Norm>,
     /// gated: [gate | up] side by side; plain: up
-    mlp_in: Proj,
-    down: Proj,
+    mlp_in: Linear,
+    down: Linear,
     window: Option<usize>,
     /// index into `Decoder::ropes`, or None (no positions in this layer)
     rope: Option<usize>,
@@ -234,9 +244,11 @@ struct Block {
 pub struct Decoder {
     pub cfg: Config,
     embed_tokens: Tensor, // [V, C]
+    /// learned positions [P, C] (GPT-2)
+    embed_positions: Option<Tensor>,
     layers: Vec<Block>,
     norm: Norm,
-    lm_head: Proj,
+    lm_head: Linear,
     /// per RoPE table: cos and sin [P, rotary_dim/2]
     ropes: Vec<(Tensor, Tensor)>,
     act: DType,
@@ -249,7 +261,7 @@ pub struct Decoder {
 impl Decoder {
     /// From a Hugging Face checkpoint; `quant` quantizes the projections at load time.
     pub fn load(cfg: &Config, w: &Weights, dtype: DType, device: &Device, quant: Option<GgmlDType>) -> Result<Self> {
-        let act = crate::linear::compute_dtype(dtype, device);
+        let act = crate::nn::compute_dtype(dtype, device);
         Self::build(cfg, &Source::Safetensors { w, dtype, act, quant }, device)
     }
 
@@ -278,26 +290,26 @@ impl Decoder {
         for i in 0..cfg.num_layers {
             let at = |s: &str| s.replace("{i}", &i.to_string());
             let qkv = match n.qkv {
-                Qkv::Separate(q, k, v) => src.proj(&[(&at(q), h * d), (&at(k), hkv * d), (&at(v), hkv * d)], c, cfg.qkv_bias)?,
-                Qkv::Fused(name) => src.proj(&[(&at(name), (h + 2 * hkv) * d)], c, cfg.qkv_bias)?,
+                Qkv::Separate(q, k, v) => src.proj(&[(&at(q), h * d), (&at(k), hkv * d), (&at(v), hkv * d)], c, cfg.qkv_bias, n.conv1d)?,
+                Qkv::Fused(name) => src.proj(&[(&at(name), (h + 2 * hkv) * d)], c, cfg.qkv_bias, n.conv1d)?,
                 Qkv::FusedPerHead(name) => per_head_qkv(src, &at(name), h, d, c, cfg.qkv_bias)?,
             };
             let mlp_in = match n.mlp_in {
-                MlpIn::Gated(g, u) => src.proj(&[(&at(g), f), (&at(u), f)], c, cfg.mlp_bias)?,
-                MlpIn::FusedGated(name) => src.proj(&[(&at(name), 2 * f)], c, cfg.mlp_bias)?,
-                MlpIn::Plain(name) => src.proj(&[(&at(name), f)], c, cfg.mlp_bias)?,
+                MlpIn::Gated(g, u) => src.proj(&[(&at(g), f), (&at(u), f)], c, cfg.mlp_bias, n.conv1d)?,
+                MlpIn::FusedGated(name) => src.proj(&[(&at(name), 2 * f)], c, cfg.mlp_bias, n.conv1d)?,
+                MlpIn::Plain(name) => src.proj(&[(&at(name), f)], c, cfg.mlp_bias, n.conv1d)?,
             };
             layers.push(Block {
                 attn_norm: norm(&at(n.attn_norm), c)?,
                 qkv,
                 q_norm: opt_norm(&at(n.q_norm), d, cfg.qk_norm)?,
                 k_norm: opt_norm(&at(n.k_norm), d, cfg.qk_norm)?,
-                o: src.proj(&[(&at(n.o), c)], h * d, cfg.o_bias)?,
+                o: src.proj(&[(&at(n.o), c)], h * d, cfg.o_bias, n.conv1d)?,
                 post_attn_norm: opt_norm(&at(n.post_attn_norm), c, sandwich)?,
                 ffn_norm: norm(&at(n.ffn_norm), c)?,
                 post_ffn_norm: opt_norm(&at(n.post_ffn_norm), c, sandwich)?,
                 mlp_in,
-                down: src.proj(&[(&at(n.down), c)], f, cfg.mlp_bias)?,
+                down: src.proj(&[(&at(n.down), c)], f, cfg.mlp_bias, n.conv1d)?,
                 window: cfg.layer_window[i],
                 rope: cfg.layer_rope[i],
             });
@@ -307,16 +319,19 @@ impl Decoder {
             Some(s) => (embed_tokens * s)?,
             None => embed_tokens,
         };
+        let embed_positions =
+            if cfg.learned_positions { Some(src.dense(n.pos_embed, &[cfg.max_position_embeddings, c])?) } else { None };
         let own_head = src.has(&format!("{}.weight", n.lm_head)) && (gguf || !cfg.tie_word_embeddings);
         let lm_head = if own_head {
-            src.proj(&[(n.lm_head, cfg.vocab_size)], c, false)?
+            src.proj(&[(n.lm_head, cfg.vocab_size)], c, false, false)?
         } else {
             // tied: the (unscaled) embedding table
-            src.proj(&[(n.embed.trim_end_matches(".weight"), cfg.vocab_size)], c, false)?
+            src.proj(&[(n.embed.trim_end_matches(".weight"), cfg.vocab_size)], c, false, false)?
         };
         let act = src.act();
-        let ropes = cfg
-            .ropes
+        // tables only where some layer turns (none for GPT-2)
+        let used = if cfg.layer_rope.iter().any(Option::is_some) { cfg.ropes.len() } else { 0 };
+        let ropes = cfg.ropes[..used]
             .iter()
             .map(|r| {
                 let inv = ops::rope_inv_freq(cfg.rotary_dim, r.theta, &r.scaling);
@@ -328,6 +343,7 @@ impl Decoder {
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
+            embed_positions,
             layers,
             norm: norm(n.final_norm, c)?,
             lm_head,
@@ -399,6 +415,9 @@ impl Decoder {
             .map(|(cos, sin)| Ok((cos.index_select(&pos, 0)?.reshape((b, t, half))?, sin.index_select(&pos, 0)?.reshape((b, t, half))?)))
             .collect::<Result<Vec<_>>>()?;
         let mut x = embed(&self.embed_tokens, ids)?; // [B, T, C]
+        if let Some(wpe) = &self.embed_positions {
+            x = (x + embed(wpe, positions)?)?;
+        }
         for (i, blk) in self.layers.iter().enumerate() {
             let last = last_only && i + 1 == self.layers.len();
             let hn = blk.attn_norm.forward(&x)?;
@@ -417,7 +436,9 @@ impl Decoder {
             }
             let (k, v) = cache.append(i, k, v)?;
             let (q, mask_q) = last_rows(last, t, q, mask)?;
-            let y = ops::attention_with(&q, &k, &v, mask.is_none(), mask_q.as_ref(), Some(self.cfg.attn_scale), blk.window, self.cfg.attn_softcap)?;
+            // GPT-2's scale_attn_by_inverse_layer_idx: scores / (i + 1) as well
+            let scale = self.cfg.attn_scale / if self.cfg.attn_scale_by_layer { (i + 1) as f64 } else { 1.0 };
+            let y = ops::attention_with(&q, &k, &v, mask.is_none(), mask_q.as_ref(), Some(scale), blk.window, self.cfg.attn_softcap)?;
             if last {
                 x = x.narrow(1, t - 1, 1)?;
             }
@@ -462,7 +483,7 @@ impl Decoder {
 }
 
 /// GPT-NeoX's query_key_value [H·3·D, C] (rows head by head: q_h, k_h, v_h) as one [q | k | v] projection.
-fn per_head_qkv(src: &Source, name: &str, h: usize, d: usize, c: usize, bias: bool) -> Result<Proj> {
+fn per_head_qkv(src: &Source, name: &str, h: usize, d: usize, c: usize, bias: bool) -> Result<Linear> {
     let Source::Safetensors { w, dtype, act, quant } = src else {
         return Err(Error::ModelLoad(format!("{name}: a per-head fused qkv is a safetensors layout")));
     };
@@ -475,8 +496,5 @@ fn per_head_qkv(src: &Source, name: &str, h: usize, d: usize, c: usize, bias: bo
     };
     let weight = reorder(w.get(&format!("{name}.weight"), &[3 * h * d, c], *dtype)?, &[c])?;
     let b = if bias { Some(reorder(w.get(&format!("{name}.bias"), &[3 * h * d], *act)?, &[])?) } else { None };
-    match quant {
-        Some(q) => Proj::quantize(&weight, b, *q),
-        None => Ok(Proj::Dense(Linear::new(weight, b)?)),
-    }
+    Linear::new(weight, b, *quant)
 }

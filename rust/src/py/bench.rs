@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use super::model::PyModel;
 use super::PyResultExt;
 use crate::model::Model;
-use crate::models::positions;
+use crate::nn::positions;
 
 /// Deterministic pseudo-random ids in [0, vocab) (speed does not depend on them).
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -23,7 +23,7 @@ fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Prefill `ids` into a fresh cache; returns the cache and the logits of the last position [1, V].
-fn prefill(m: &Model, ids: &[u32]) -> crate::Result<(crate::models::Cache, Tensor)> {
+fn prefill(m: &Model, ids: &[u32]) -> crate::Result<(crate::nn::Cache, Tensor)> {
     let mut cache = m.new_cache();
     let t = ids.len();
     let x = Tensor::from_vec(ids.to_vec(), (1, t), &m.device)?;

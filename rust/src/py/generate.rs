@@ -52,7 +52,7 @@ pub(crate) fn sampling_from(d: &Bound<'_, PyDict>) -> PyResult<SamplingParams> {
                 if id < 0 || id > u32::MAX as i64 {
                     return Err(super::errors::to_py(Error::arg(format!("logit_bias: token id {id} is out of range"))));
                 }
-                let bias_v: f64 = v.extract().map_err(|e: PyErr| arg_err("logit_bias value", e.into(), d.py()))?;
+                let bias_v: f64 = v.extract().map_err(|e: PyErr| arg_err("logit_bias value", e, d.py()))?;
                 bias.push((id as u32, bias_v));
             }
         }
@@ -76,11 +76,11 @@ pub(crate) fn params_from(d: &Bound<'_, PyDict>) -> PyResult<GenParams> {
     }
     let stop: Vec<String> = match d.get_item("stop")? {
         Some(s) if s.is_instance_of::<pyo3::types::PyString>() => vec![s.extract()?],
-        Some(s) if !s.is_none() => s.extract().map_err(|e: PyErr| arg_err("stop", e.into(), d.py()))?,
+        Some(s) if !s.is_none() => s.extract().map_err(|e: PyErr| arg_err("stop", e, d.py()))?,
         _ => vec![],
     };
     let ids: Vec<i64> = get(d, "stop_token_ids", vec![])?;
-    if let Some(bad) = ids.iter().find(|&&i| i < 0 || i > u32::MAX as i64) {
+    if let Some(bad) = crate::error::first_out_of_range(ids.iter().copied(), 1 << 32) {
         return Err(super::errors::to_py(Error::arg(format!("stop_token_ids: {bad} is out of range"))));
     }
     let seed: Option<i64> = get(d, "seed", None)?;
@@ -222,13 +222,13 @@ fn sampling_probs_py<'py>(
     let p = sampling_from(params)?;
     p.validate(logits.len()).py()?;
     let mut hist = History::new(&prompt_ids);
+    if let Some(g) = crate::error::first_out_of_range(generated_ids.iter().map(|&i| i64::from(i)), logits.len()) {
+        return Err(super::errors::to_py(Error::arg(format!("generated id {g} is out of range"))));
+    }
     for &g in &generated_ids {
-        if g as usize >= logits.len() {
-            return Err(super::errors::to_py(Error::arg(format!("generated id {g} is out of range"))));
-        }
         hist.push(g);
     }
-    if let Some(bad) = prompt_ids.iter().find(|&&i| i as usize >= logits.len()) {
+    if let Some(bad) = crate::error::first_out_of_range(prompt_ids.iter().map(|&i| i64::from(i)), logits.len()) {
         return Err(super::errors::to_py(Error::arg(format!("prompt id {bad} is out of range"))));
     }
     Ok(PyArray1::from_vec(py, sampling_probs(&logits, &hist, &p)))

@@ -11,6 +11,9 @@ use super::PyResultExt;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::model::Model;
 
+/// An f32 NumPy array of any rank.
+type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
+
 #[pyclass(name = "Model", module = "candlewick._native", frozen)]
 pub struct PyModel {
     pub(crate) inner: std::sync::Arc<Model>,
@@ -33,7 +36,7 @@ impl PyModel {
     fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
         let dev = parse_device(device).py()?;
         // a quantized dtype ("q8_0", ...) quantizes the projections at load time; the rest stays float32
-        let quant = dtype.and_then(crate::quantized::parse_qdtype);
+        let quant = dtype.and_then(crate::nn::linear::parse_qdtype);
         let dtype = if quant.is_some() { None } else { dtype.map(parse_dtype).transpose().py()? };
         let inner = py.detach(|| Model::load(&path, &dev, dtype, quant)).py()?;
         Ok(Self { inner: std::sync::Arc::new(inner) })
@@ -108,7 +111,7 @@ impl PyModel {
         &self,
         py: Python<'py>,
         ids: Vec<u32>,
-    ) -> PyResult<(Vec<Bound<'py, PyArrayDyn<f32>>>, Bound<'py, PyArrayDyn<f32>>)> {
+    ) -> PyResult<(Vec<Array<'py>>, Array<'py>)> {
         let (layers, logits) = py.detach(|| self.inner.hidden_states(&ids)).py()?;
         let layers = layers.iter().map(|t| to_numpy(py, t)).collect::<PyResult<Vec<_>>>()?;
         Ok((layers, to_numpy(py, &logits)?))
@@ -129,7 +132,7 @@ impl PyModel {
         &self,
         py: Python<'py>,
         texts: Vec<String>,
-    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    ) -> PyResult<(Array<'py>, Array<'py>)> {
         let (h, e) = py.detach(|| self.inner.encode_texts(&texts)).py()?;
         Ok((to_numpy(py, &h)?, to_numpy(py, &e)?))
     }
@@ -140,7 +143,7 @@ impl PyModel {
         py: Python<'py>,
         ids: PyReadonlyArray2<'py, i64>,
         mask: PyReadonlyArray2<'py, i64>,
-    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    ) -> PyResult<(Array<'py>, Array<'py>)> {
         let shape = ids.as_array().shape().to_vec();
         if mask.as_array().shape() != shape.as_slice() {
             return Err(super::errors::to_py(crate::Error::arg(format!(

@@ -16,7 +16,7 @@ pub struct PyTokenizer {
 
 /// Token ids arrive as Python ints (possibly negative or huge); range-check them before they become u32.
 pub(crate) fn to_ids(ids: Vec<i64>, vocab: usize) -> crate::Result<Vec<u32>> {
-    match ids.iter().find(|&&i| i < 0 || i as u64 >= vocab as u64) {
+    match crate::error::first_out_of_range(ids.iter().copied(), vocab) {
         Some(bad) => Err(Error::tok(format!("token id {bad} is out of range for a vocabulary of {vocab}"))),
         None => Ok(ids.into_iter().map(|i| i as u32).collect()),
     }

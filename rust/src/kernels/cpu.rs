@@ -1,0 +1,145 @@
+//! What the CPU can do, found out once, and the thread helpers every kernel shares.
+//!
+//! Each fast kernel has a level of the instruction set it needs (`Isa`); `isa()` is the best level this CPU has,
+//! lowered by the environment variable `CANDLEWICK_ISA` (`scalar`, `avx2`, `avx512`) to compare the kernels on
+//! one machine. Every kernel asks `isa()`; none detects features itself. (The gemm crate, which runs the f32
+//! prefill tiles, picks its own kernels.)
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Instruction-set levels the kernels are written for, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust, vectorised by LLVM for the target's baseline (SSE2 on x86-64, NEON on aarch64).
+    Scalar,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX-512 F, BW and VNNI (with AVX2, FMA and F16C).
+    Avx512,
+}
+
+impl Isa {
+    /// The name `CANDLEWICK_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().find(|i| i.name() == s)
+    }
+}
+
+struct Detected {
+    available: Vec<Isa>,
+    bf16_dot: bool,
+}
+
+fn detected() -> &'static Detected {
+    static D: OnceLock<Detected> = OnceLock::new();
+    D.get_or_init(|| {
+        let mut available = vec![Isa::Scalar];
+        #[allow(unused_mut)]
+        let mut bf16_dot = false;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                available.push(Isa::Avx2);
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                    available.push(Isa::Avx512);
+                    bf16_dot = has!("avx512bf16");
+                }
+            }
+        }
+        Detected { available, bf16_dot }
+    })
+}
+
+/// Every level this CPU runs, lowest first (whatever `CANDLEWICK_ISA` says: for tests comparing the kernels).
+pub fn available() -> &'static [Isa] {
+    &detected().available
+}
+
+/// The level asked for by `CANDLEWICK_ISA`, if it is set: an error names a value that is not a level.
+pub fn requested() -> Result<Option<Isa>> {
+    match std::env::var("CANDLEWICK_ISA") {
+        Err(_) => Ok(None),
+        Ok(s) if s.is_empty() => Ok(None),
+        Ok(s) => Isa::parse(&s.to_ascii_lowercase()).map(Some).ok_or_else(|| {
+            Error::arg(format!("CANDLEWICK_ISA={s:?} is not an instruction-set level (scalar, avx2 or avx512)"))
+        }),
+    }
+}
+
+/// The level the kernels use: the best this CPU has, at most the one `CANDLEWICK_ISA` names (read once;
+/// `Model::load` refuses a value that names no level, so an unknown one never gets this far unseen).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = *available().last().expect("scalar is always available");
+        match requested() {
+            Ok(Some(cap)) => best.min(cap),
+            _ => best,
+        }
+    })
+}
+
+/// AVX-512 BF16 dot products (`vdpbf16ps`), when the AVX-512 level is in use.
+pub fn has_bf16_dot() -> bool {
+    isa() == Isa::Avx512 && detected().bf16_dot
+}
+
+/// An output buffer shared by tasks that each write their own disjoint part of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+
+// SAFETY: a SendPtr is only made over a buffer that outlives the parallel region using it (`par_tasks` returns
+// when every task is done), and the tasks write disjoint elements of it, so sharing the address between
+// threads cannot race.
+unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: the pointer itself is never written, and the elements behind it are disjoint per task.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    pub(crate) fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Run f(0..n_tasks) on rayon's pool, returning when all are done (a single task runs on the caller).
+pub(crate) fn par_tasks(n_tasks: usize, f: impl Fn(usize) + Sync) {
+    if n_tasks <= 1 {
+        (0..n_tasks).for_each(f);
+        return;
+    }
+    (0..n_tasks).into_par_iter().for_each(&f);
+}
+
+/// Threads in the pool the kernels run on.
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_are_ordered_and_named() {
+        assert!(Isa::Scalar < Isa::Avx2 && Isa::Avx2 < Isa::Avx512);
+        for i in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            assert_eq!(Isa::parse(i.name()), Some(i));
+        }
+        assert_eq!(Isa::parse("sse9"), None);
+        assert_eq!(available()[0], Isa::Scalar);
+        assert!(available().contains(&isa()));
+    }
+}

@@ -1,0 +1,139 @@
+//! The repacked rows: 16 rows interleaved per group so that one SIMD register holds the same four weights of 16
+//! rows (see the module above), with their scales side by side.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::format::{decode_block, h2f, Kind};
+use super::{QWeight, Scales, ROWS};
+
+impl Scales {
+    pub(super) fn get(&self, i: usize) -> f32 {
+        match self {
+            Scales::F16(v) => h2f(v[i]),
+            Scales::F32(v) => v[i],
+            Scales::None => 0.0,
+        }
+    }
+
+    /// For the SIMD kernels: the address of entry `i` (f16 bits or f32, by the format).
+    pub(super) fn ptr(&self, i: usize) -> *const u8 {
+        match self {
+            Scales::F16(v) => v[i..].as_ptr() as *const u8,
+            Scales::F32(v) => v[i..].as_ptr() as *const u8,
+            Scales::None => std::ptr::null(),
+        }
+    }
+
+    pub(super) fn concat(parts: &[&Scales]) -> Scales {
+        match parts[0] {
+            Scales::F16(_) => Scales::F16(parts.iter().flat_map(|s| if let Scales::F16(v) = s { v.clone() } else { vec![] }).collect()),
+            Scales::F32(_) => Scales::F32(parts.iter().flat_map(|s| if let Scales::F32(v) = s { v.clone() } else { vec![] }).collect()),
+            Scales::None => Scales::None,
+        }
+    }
+}
+
+/// The integer weight at position j of block `gi`'s row `lane`, as the kernels read it.
+#[inline(always)]
+pub(super) fn weight_q(w: &QWeight, gi: usize, lane: usize, j: usize) -> i32 {
+    let (quad, i) = (j / 4, j % 4);
+    let base = gi * w.kind.group_block_bytes();
+    if !w.kind.nibbles() {
+        w.qs[base + quad * 64 + lane * 4 + i] as i32
+    } else if quad < 4 {
+        (w.qs[base + quad * 64 + lane * 4 + i] & 15) as i32
+    } else {
+        (w.qs[base + (quad - 4) * 64 + lane * 4 + i] >> 4) as i32
+    }
+}
+
+
+impl QWeight {
+    pub(super) fn repack(kind: Kind, data: &[u8], out: usize, inp: usize) -> Self {
+        let nb = inp / 32;
+        let groups = out.div_ceil(ROWS);
+        let (be, bb) = kind.ggml_block();
+        let (gb, spb) = (kind.group_block_bytes(), kind.scales_per_block());
+        let mut d = vec![0f32; groups * nb * spb * ROWS];
+        let mut m = vec![0f32; if kind.has_min() { groups * nb * ROWS } else { 0 }];
+        let mut qs = vec![0u8; groups * nb * gb];
+        let row_bytes = inp / be * bb;
+        let (mut q, mut ds, mut ms) = (vec![0u8; inp], Vec::with_capacity(nb * spb), Vec::with_capacity(nb));
+        for r in 0..out {
+            let (g, lane) = (r / ROWS, r % ROWS);
+            ds.clear();
+            ms.clear();
+            for (i, blk) in data[r * row_bytes..(r + 1) * row_bytes].chunks_exact(bb).enumerate() {
+                decode_block(kind, blk, &mut q[i * be..(i + 1) * be], &mut ds, &mut ms);
+            }
+            for b in 0..nb {
+                let gi = g * nb + b;
+                for h in 0..spb {
+                    d[(gi * spb + h) * ROWS + lane] = ds[b * spb + h];
+                }
+                if kind.has_min() {
+                    m[gi * ROWS + lane] = ms[b];
+                }
+                let (src, dst) = (&q[b * 32..b * 32 + 32], &mut qs[gi * gb..][..gb]);
+                for k in 0..if kind.nibbles() { 4 } else { 8 } {
+                    for i in 0..4 {
+                        dst[k * 64 + lane * 4 + i] =
+                            if kind.nibbles() { src[4 * k + i] | (src[16 + 4 * k + i] << 4) } else { src[4 * k + i] };
+                    }
+                }
+            }
+        }
+        let pack = |v: Vec<f32>| {
+            if v.is_empty() {
+                Scales::None
+            } else if kind.f32_scales() {
+                Scales::F32(v)
+            } else {
+                // exact: these came from the file's f16
+                Scales::F16(v.iter().map(|&x| f16::from_f32(x).to_bits()).collect())
+            }
+        };
+        Self { kind, out, inp, nb, groups, d: pack(d), m: pack(m), qs }
+    }
+
+    /// The rows of several weights of one format and input size, in order, as one weight; None when they differ
+    /// or a part other than the last does not fill its last group of rows.
+    pub fn concat(parts: &[&QWeight]) -> Option<QWeight> {
+        let first = parts.first()?;
+        let init = &parts[..parts.len() - 1];
+        if parts.iter().any(|w| w.kind != first.kind || w.inp != first.inp) || init.iter().any(|w| w.out % ROWS != 0) {
+            return None;
+        }
+        Some(QWeight {
+            kind: first.kind,
+            out: parts.iter().map(|w| w.out).sum(),
+            inp: first.inp,
+            nb: first.nb,
+            groups: parts.iter().map(|w| w.groups).sum(),
+            d: Scales::concat(&parts.iter().map(|w| &w.d).collect::<Vec<_>>()),
+            m: Scales::concat(&parts.iter().map(|w| &w.m).collect::<Vec<_>>()),
+            qs: parts.iter().flat_map(|w| w.qs.iter().copied()).collect(),
+        })
+    }
+
+    /// The weight as f32 [out, in] (the same numbers as GGML's dequantization).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let k = self.kind;
+        let spb = k.scales_per_block();
+        let mut w = vec![0f32; self.out * self.inp];
+        w.par_chunks_mut(self.inp).enumerate().for_each(|(r, dst)| {
+            let (g, lane) = (r / ROWS, r % ROWS);
+            for b in 0..self.nb {
+                let gi = g * self.nb + b;
+                for j in 0..32 {
+                    let q = weight_q(self, gi, lane, j) as f32;
+                    let d = self.d.get((gi * spb + j * spb / 32) * ROWS + lane);
+                    dst[b * 32 + j] = if k.has_min() { d * q + self.m.get(gi * ROWS + lane) } else { d * (q - k.offset()) };
+                }
+            }
+        });
+        w
+    }
+
+}

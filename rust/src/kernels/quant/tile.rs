@@ -1,0 +1,307 @@
+//! The integer dot-product kernels: one group of 16 weight rows against a tile of up to 8 activation rows,
+//! for each instruction-set level, and the rounding of activations to 8 bits that they multiply.
+
+use half::f16;
+
+use super::format::Kind;
+use super::pack::weight_q;
+use super::{QWeight, ROWS};
+use crate::kernels::cpu::Isa;
+
+/// Activation rows per kernel call, at most.
+pub(super) const TILE: usize = 8;
+
+/// Activation rows rounded to 8 bits, as llama.cpp rounds them for each format: per block of 32 with the scale
+/// rounded to f16 (its Q8_0 and Q8_1) for the 32-block formats, per 256 with an f32 scale (its Q8_K) for the
+/// K-quants. `q` [rows][in]; per block of 32 the scale `a` (dx) [rows][nb] and two correction terms `c`
+/// [rows][nb][2]: the min formats' s = dx·Σ qx (rounded to f16 for Q4_1 and Q5_1, as in Q8_1) in c[0]; the offset
+/// formats' −offset·dx·Σ qx, over the block in c[0], or over its two halves in c[0] and c[1] (Q6_K).
+pub(super) struct QActs {
+    pub(super) q: Vec<i8>,
+    pub(super) a: Vec<f32>,
+    pub(super) c: Vec<f32>,
+}
+
+pub(super) fn quantize_acts(kind: Kind, x: &[f32]) -> QActs {
+    let n = x.len() / 32;
+    let (mut q, mut a, mut c) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; 2 * n]);
+    let k_quant = kind.f32_scales();
+    let span = if k_quant { 256 } else { 32 };
+    for (i, (xs, qs)) in x.chunks(span).zip(q.chunks_mut(span)).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (o, &v) in qs.iter_mut().zip(xs) {
+            // round half to even by the 1.5·2^23 trick (|v·id| <= 127): no libm call, vectorises
+            *o = ((v * id + 12_582_912.0) - 12_582_912.0) as i8;
+        }
+        let dx = if k_quant { d } else { f16::from_f32(d).to_f32() };
+        for (j, qb) in qs.chunks_exact(32).enumerate() {
+            let b = i * span / 32 + j;
+            let sum = |r: std::ops::Range<usize>| qb[r].iter().map(|&v| v as i32).sum::<i32>() as f32;
+            a[b] = dx;
+            if kind.has_min() {
+                c[2 * b] = if k_quant { dx * sum(0..32) } else { f16::from_f32(d * sum(0..32)).to_f32() };
+            } else if kind.halves() {
+                c[2 * b] = -kind.offset() * dx * sum(0..16);
+                c[2 * b + 1] = -kind.offset() * dx * sum(16..32);
+            } else {
+                c[2 * b] = -kind.offset() * dx * sum(0..32);
+            }
+        }
+    }
+    QActs { q, a, c }
+}
+
+/// One group (16 weight rows) against activation rows r0..r0+M, writing out[r][lane] for r < M ([M][16]).
+pub(super) type TileFn = unsafe fn(&QWeight, usize, &QActs, usize, &mut [f32]);
+
+/// Portable kernel (and the specification of the SIMD ones).
+unsafe fn tile_scalar<const M: usize>(w: &QWeight, g: usize, xs: &QActs, r0: usize, out: &mut [f32]) {
+    let k = w.kind;
+    let spb = k.scales_per_block();
+    for r in 0..M {
+        let row = r0 + r;
+        for lane in 0..ROWS {
+            let mut acc = 0f32;
+            for b in 0..w.nb {
+                let gi = g * w.nb + b;
+                let qx = &xs.q[row * w.inp + b * 32..][..32];
+                let isum = |js: std::ops::Range<usize>| js.map(|j| weight_q(w, gi, lane, j) * qx[j] as i32).sum::<i32>() as f32;
+                let (a, c) = (xs.a[row * w.nb + b], &xs.c[2 * (row * w.nb + b)..][..2]);
+                let d = |h: usize| w.d.get((gi * spb + h) * ROWS + lane);
+                acc += if k.halves() {
+                    d(0) * (isum(0..16) * a + c[0]) + d(1) * (isum(16..32) * a + c[1])
+                } else if k.has_min() {
+                    d(0) * a * isum(0..32) + w.m.get(gi * ROWS + lane) * c[0]
+                } else {
+                    d(0) * (isum(0..32) * a + c[0])
+                };
+            }
+            out[r * ROWS + lane] = acc;
+        }
+    }
+}
+
+/// AVX-512 VNNI: 16 rows per register; two accumulators per activation row (even and odd blocks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &QActs, r0: usize, out: &mut [f32]) {
+    // SAFETY: the caller (QWeight::matmul through tile_fn) has checked that the CPU has the Avx512 level, passes a group g < w.groups, activations of at least r0 + M rows made by quantize_acts for this weight's input size, and out of M·16 floats; the loads below read blocks of that group (w.qs, w.d, w.m sized groups·nb per block), 32 activation bytes per block of rows r0..r0+M, and the stores write out's M rows of 16.
+    unsafe {
+        use std::arch::x86_64::*;
+        let kind = Kind::from_id(K);
+        let (nb, gb, spb) = (w.nb, kind.group_block_bytes(), kind.scales_per_block());
+        let low = _mm512_set1_epi8(15);
+        let load_scales = |p: *const u8| {
+            if kind.f32_scales() {
+                _mm512_loadu_ps(p as *const f32)
+            } else {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+            }
+        };
+        let mut f = [[_mm512_setzero_ps(); M]; 2];
+        macro_rules! block {
+            ($b:expr, $acc:expr) => {{
+                let b = $b;
+                let gi = g * nb + b;
+                let base = w.qs.as_ptr().add(gi * gb);
+                let mut ws = [_mm512_setzero_si512(); 8];
+                if kind.nibbles() {
+                    for k in 0..4 {
+                        let l = _mm512_loadu_si512(base.add(k * 64) as *const _);
+                        ws[k] = _mm512_and_si512(l, low);
+                        ws[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), low);
+                    }
+                } else {
+                    for k in 0..8 {
+                        ws[k] = _mm512_loadu_si512(base.add(k * 64) as *const _);
+                    }
+                }
+                let dw = load_scales(w.d.ptr(gi * spb * ROWS));
+                for r in 0..M {
+                    let row = r0 + r;
+                    let xp = xs.q.as_ptr().add(row * w.inp + b * 32) as *const i32;
+                    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for k in 0..4 {
+                        s0 = _mm512_dpbusd_epi32(s0, ws[k], _mm512_set1_epi32(xp.add(k).read_unaligned()));
+                        s1 = _mm512_dpbusd_epi32(s1, ws[k + 4], _mm512_set1_epi32(xp.add(k + 4).read_unaligned()));
+                    }
+                    let a = _mm512_set1_ps(*xs.a.get_unchecked(row * nb + b));
+                    let c = xs.c.as_ptr().add(2 * (row * nb + b));
+                    if kind.halves() {
+                        let dw1 = load_scales(w.d.ptr((gi * spb + 1) * ROWS));
+                        let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), a, _mm512_set1_ps(*c));
+                        let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), a, _mm512_set1_ps(*c.add(1)));
+                        $acc[r] = _mm512_fmadd_ps(dw, lo, $acc[r]);
+                        $acc[r] = _mm512_fmadd_ps(dw1, hi, $acc[r]);
+                    } else {
+                        let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                        if kind.has_min() {
+                            let mw = load_scales(w.m.ptr(gi * ROWS));
+                            $acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, a), isum, $acc[r]);
+                            $acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*c), $acc[r]);
+                        } else {
+                            $acc[r] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(isum, a, _mm512_set1_ps(*c)), $acc[r]);
+                        }
+                    }
+                }
+            }};
+        }
+        let [f0, f1] = &mut f;
+        let mut b = 0;
+        while b + 1 < nb {
+            block!(b, f0);
+            block!(b + 1, f1);
+            b += 2;
+        }
+        if b < nb {
+            block!(b, f0);
+        }
+        for r in 0..M {
+            _mm512_storeu_ps(out.as_mut_ptr().add(r * ROWS), _mm512_add_ps(f0[r], f1[r]));
+        }
+    }
+}
+
+/// AVX2: the group in two halves of 8 rows; `vpmaddubsw` + `vpmaddwd` for the four-byte sums. Q8_0 bytes go back
+/// to signed here (|q|·sign(qx, q), llama.cpp's trick: q + 128 would overflow the 16-bit pair sums), so its
+/// offset term is not added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // const-sized loops over register arrays, unrolled by the compiler
+unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &QActs, r0: usize, out: &mut [f32]) {
+    // SAFETY: as for tile_vnni, with the Avx2 level: every load stays inside group g's blocks and rows r0..r0+M of the activations, every store inside out's M rows of 16.
+    unsafe {
+        use std::arch::x86_64::*;
+        let kind = Kind::from_id(K);
+        let q8 = kind == Kind::Q8_0;
+        let (nb, gb, spb) = (w.nb, kind.group_block_bytes(), kind.scales_per_block());
+        let low = _mm256_set1_epi8(15);
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let load_scales = |p: *const u8, half: usize| {
+            if kind.f32_scales() {
+                _mm256_loadu_ps((p as *const f32).add(half * 8))
+            } else {
+                _mm256_cvtph_ps(_mm_loadu_si128((p as *const u16).add(half * 8) as *const __m128i))
+            }
+        };
+        for half in 0..2 {
+            let mut f = [_mm256_setzero_ps(); M];
+            for b in 0..nb {
+                let gi = g * nb + b;
+                let base = w.qs.as_ptr().add(gi * gb + half * 32);
+                let mut ws = [_mm256_setzero_si256(); 8];
+                if kind.nibbles() {
+                    for k in 0..4 {
+                        let l = _mm256_loadu_si256(base.add(k * 64) as *const _);
+                        ws[k] = _mm256_and_si256(l, low);
+                        ws[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(l), low);
+                    }
+                } else {
+                    for k in 0..8 {
+                        let l = _mm256_loadu_si256(base.add(k * 64) as *const _);
+                        ws[k] = if q8 { _mm256_xor_si256(l, flip) } else { l };
+                    }
+                }
+                let dw = load_scales(w.d.ptr(gi * spb * ROWS), half);
+                for r in 0..M {
+                    let row = r0 + r;
+                    let xp = xs.q.as_ptr().add(row * w.inp + b * 32) as *const i32;
+                    let xb = |k: usize| _mm256_set1_epi32(xp.add(k).read_unaligned());
+                    let (s0, s1) = if kind.nibbles() {
+                        // 15·127·2 per pair, four pairs per half: fits in i16
+                        let (mut p0, mut p1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        for k in 0..4 {
+                            p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(ws[k], xb(k)));
+                            p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(ws[k + 4], xb(k + 4)));
+                        }
+                        (_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones))
+                    } else {
+                        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        for k in 0..8 {
+                            let p = if q8 {
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(ws[k]), _mm256_sign_epi8(xb(k), ws[k]))
+                            } else {
+                                _mm256_maddubs_epi16(ws[k], xb(k))
+                            };
+                            let p = _mm256_madd_epi16(p, ones);
+                            if k < 4 {
+                                s0 = _mm256_add_epi32(s0, p);
+                            } else {
+                                s1 = _mm256_add_epi32(s1, p);
+                            }
+                        }
+                        (s0, s1)
+                    };
+                    let a = _mm256_set1_ps(*xs.a.get_unchecked(row * nb + b));
+                    let c = xs.c.as_ptr().add(2 * (row * nb + b));
+                    if kind.halves() {
+                        let dw1 = load_scales(w.d.ptr((gi * spb + 1) * ROWS), half);
+                        let lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), a, _mm256_set1_ps(*c));
+                        let hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), a, _mm256_set1_ps(*c.add(1)));
+                        f[r] = _mm256_fmadd_ps(dw, lo, f[r]);
+                        f[r] = _mm256_fmadd_ps(dw1, hi, f[r]);
+                        continue;
+                    }
+                    let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                    if q8 {
+                        f[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, a), isum, f[r]);
+                    } else if kind.has_min() {
+                        let mw = load_scales(w.m.ptr(gi * ROWS), half);
+                        f[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, a), isum, f[r]);
+                        f[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*c), f[r]);
+                    } else {
+                        f[r] = _mm256_fmadd_ps(dw, _mm256_fmadd_ps(isum, a, _mm256_set1_ps(*c)), f[r]);
+                    }
+                }
+            }
+            for r in 0..M {
+                _mm256_storeu_ps(out.as_mut_ptr().add(r * ROWS + half * 8), f[r]);
+            }
+        }
+    }
+}
+
+/// The kernel for an instruction set, a block format and a tile of `t` (1, 2, 4 or 8) activation rows.
+pub(super) fn tile_fn(isa: Isa, kind: Kind, t: usize) -> TileFn {
+    macro_rules! by_rows {
+        ($f:ident, $k:expr) => {
+            match t {
+                1 => $f::<$k, 1> as TileFn,
+                2 => $f::<$k, 2> as TileFn,
+                4 => $f::<$k, 4> as TileFn,
+                _ => $f::<$k, 8> as TileFn,
+            }
+        };
+    }
+    macro_rules! by_kind {
+        ($f:ident) => {
+            match kind {
+                Kind::Q4_0 => by_rows!($f, 0),
+                Kind::Q4_1 => by_rows!($f, 1),
+                Kind::Q5_0 => by_rows!($f, 2),
+                Kind::Q5_1 => by_rows!($f, 3),
+                Kind::Q8_0 => by_rows!($f, 4),
+                Kind::Q4K => by_rows!($f, 5),
+                Kind::Q5K => by_rows!($f, 6),
+                Kind::Q6K => by_rows!($f, 7),
+            }
+        };
+    }
+    debug_assert!(Kind::ALL.iter().enumerate().all(|(i, k)| Kind::from_id(i as u8) == *k));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => by_kind!(tile_vnni),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => by_kind!(tile_avx2),
+        _ => match t {
+            1 => tile_scalar::<1> as TileFn,
+            2 => tile_scalar::<2> as TileFn,
+            4 => tile_scalar::<4> as TileFn,
+            _ => tile_scalar::<8> as TileFn,
+        },
+    }
+}
+
