@@ -119,8 +119,9 @@ def dequantized_checkpoint(folder: Path, out: Path, qtype: gguf.GGMLQuantization
     return out
 
 
-def write_gpt2_gguf(folder: Path, out: Path) -> Path:
-    """GPT-2 as llama.cpp's converter writes it: Conv1D weights transposed to [out, in], the tied head copied."""
+def write_gpt2_gguf(folder: Path, out: Path, qtype: gguf.GGMLQuantizationType | None = None) -> Path:
+    """GPT-2 as llama.cpp's converter writes it: Conv1D weights transposed to [out, in], the tied head copied;
+    with `qtype`, the projections and the head in that block format (the embeddings stay float32)."""
     cfg = json.loads((folder / "config.json").read_text())
     tok = json.loads((folder / "tokenizer.json").read_text())
     w = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
@@ -142,12 +143,18 @@ def write_gpt2_gguf(folder: Path, out: Path) -> Path:
         for ours, theirs, conv in [("attn_norm", "ln_1", False), ("attn_qkv", "attn.c_attn", True),
                                    ("attn_output", "attn.c_proj", True), ("ffn_norm", "ln_2", False),
                                    ("ffn_up", "mlp.c_fc", True), ("ffn_down", "mlp.c_proj", True)]:
-            weight = w[f"{p}.{theirs}.weight"]
-            writer.add_tensor(f"blk.{i}.{ours}.weight", f32(weight.T if conv else weight))
+            weight = f32(w[f"{p}.{theirs}.weight"].T if conv else w[f"{p}.{theirs}.weight"])
+            if qtype is not None and conv:
+                writer.add_tensor(f"blk.{i}.{ours}.weight", gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(f"blk.{i}.{ours}.weight", weight)
             writer.add_tensor(f"blk.{i}.{ours}.bias", f32(w[f"{p}.{theirs}.bias"]))
     writer.add_tensor("output_norm.weight", f32(w["ln_f.weight"]))
     writer.add_tensor("output_norm.bias", f32(w["ln_f.bias"]))
-    writer.add_tensor("output.weight", f32(w["wte.weight"]))
+    if qtype is not None:
+        writer.add_tensor("output.weight", gguf.quants.quantize(f32(w["wte.weight"]), qtype), raw_dtype=qtype)
+    else:
+        writer.add_tensor("output.weight", f32(w["wte.weight"]))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -87,6 +87,19 @@ def test_load_time_q8_0_matches_q8_0_gguf(tmp_path, st_model):
         cw.load(LLAMA, dtype="q4_k")  # 64 input features: not a multiple of the K-quant block of 256
 
 
+def test_gpt2_load_time_q8_0_matches_q8_0_gguf(tmp_path):
+    """GPT-2 is one of the decoders: quantized at load it computes what llama.cpp's Q8_0 file of it computes."""
+    qt = gguf.GGMLQuantizationType.Q8_0
+    from_file = cw.load(write_gpt2_gguf(DATA / "gpt2-tiny", tmp_path / "gpt2-q8.gguf", qtype=qt))
+    at_load, dense = cw.load(DATA / "gpt2-tiny", dtype="q8_0"), cw.load(DATA / "gpt2-tiny")
+    r = np.load(DATA / "gpt2-tiny" / "reference.npz")
+    for i in range(4):
+        ids = r[f"prompt{i}_ids"]
+        np.testing.assert_allclose(at_load.logits(ids), from_file.logits(ids), rtol=0, atol=1e-3)
+        a, b = at_load.logits(ids), dense.logits(ids)
+        assert 0 < np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)  # quantized, and close
+
+
 @pytest.mark.parametrize("cut", [3, 20, 1000, -100])
 def test_truncated_gguf(dense_gguf, tmp_path, cut):
     data = dense_gguf.read_bytes()
@@ -139,3 +152,32 @@ def test_sentencepiece_decoding(spm_model):
         assert " " + text == case["detokenized"] or "<s>" in case["text"] or not case["ids"], case["text"]
         if "<s>" not in case["text"]:
             assert text == case["text"]
+
+
+def test_isa_env_names_an_unknown_level(monkeypatch):
+    monkeypatch.setenv("CANDLEWICK_ISA", "sse9")
+    with pytest.raises(cw.InvalidArgument, match='CANDLEWICK_ISA="sse9"'):
+        cw.load(LLAMA)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_every_isa_level_computes_the_same_logits(tmp_path, isa):
+    """CANDLEWICK_ISA caps every kernel (dense panels, block formats, activations): a lesser level gives the
+    same logits, for f32, bf16 and Q4_1 weights."""
+    import subprocess
+    import sys
+
+    q4 = write_llama_gguf(LLAMA, tmp_path / "q4_1.gguf", qtype=gguf.GGMLQuantizationType.Q4_1)
+    ids = [int(i) for i in np.load(LLAMA / "reference.npz")["prompt0_ids"]]
+    code = (
+        "import sys, numpy as np, candlewick as cw\n"
+        f"ids = {ids}\n"
+        f"np.save(sys.argv[1], np.stack([cw.load({str(LLAMA)!r}).logits(ids), "
+        f"cw.load({str(LLAMA)!r}, dtype='bfloat16').logits(ids), cw.load({str(q4)!r}).logits(ids)]))\n"
+    )
+    out = tmp_path / "logits.npy"
+    env = {**__import__("os").environ, "CANDLEWICK_ISA": isa}
+    subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True, timeout=300)
+    got = np.load(out)
+    for a, m in zip(got, [cw.load(LLAMA), cw.load(LLAMA, dtype="bfloat16"), cw.load(q4)]):
+        np.testing.assert_allclose(a, m.logits(ids), rtol=0, atol=1e-4)
