@@ -223,8 +223,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"candlewick-bench-{key}-") as tmp:
             write_checkpoint(cfg, Path(tmp))
             for dtype in args.dtypes:
-                engines = [E(Path(tmp), dtype) for E in engine_classes
-                           if not (E is Transformers and dtype.startswith("q"))]
+                engines = []
+                for E in engine_classes:
+                    if E is Transformers and dtype.startswith("q"):
+                        continue
+                    try:
+                        engines.append(E(Path(tmp), dtype))
+                    except Exception as e:  # e.g. a baseline build that does not load this dtype
+                        if E is Candlewick:
+                            raise
+                        print(f"  {MODELS[key]} {dtype}: {E.name} skipped ({e})", file=sys.stderr)
                 tests = [(f"pp{n}", (lambda e, n=n: e.prefill(n)), n) for n in args.pp]
                 tests.append((f"tg{args.tg}", lambda e: e.decode(args.tg_prompt, args.tg), args.tg))
                 for test, run, n_tok in tests:
