@@ -26,9 +26,10 @@ pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
-/// Additive causal mask [Tq, Tk]: 0 where key j is visible from query i, -inf after it. With Tq < Tk the queries
-/// are the last Tq positions (decoding with a cache), so query i sits at position Tk - Tq + i.
-pub fn causal_mask(tq: usize, tk: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// The causal mask as an additive bias [Tq, Tk]: 0 where key j is visible from query i, -inf after it (the
+/// boolean form, True = may attend, is `candlewick.ops.causal_mask`). With Tq < Tk the queries are the last Tq
+/// positions (decoding with a cache), so query i sits at position Tk - Tq + i.
+pub fn causal_bias(tq: usize, tk: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     window_mask(tq, tk, true, None, dtype, device)
 }
 
@@ -262,14 +263,26 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?)
 }
 
-/// GELU: x·Φ(x) exactly (`approximate = false`), or the tanh approximation GPT-2 uses (`gelu_new`).
-pub fn gelu(x: &Tensor, approximate: bool) -> Result<Tensor> {
-    if approximate {
+/// Which GELU: PyTorch's `approximate` argument ("tanh" or "none").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// ½x(1 + tanh(√(2/π)(x + 0.044715x³))): GPT-2's gelu_new, gelu_pytorch_tanh
+    Tanh,
+    /// x·Φ(x), exact (BERT's gelu)
+    Erf,
+}
+
+/// GELU, exact or in its tanh approximation.
+pub fn gelu(x: &Tensor, approximate: Gelu) -> Result<Tensor> {
+    if approximate == Gelu::Tanh {
         if let Some(y) = crate::kernels::act::activation(x, crate::kernels::act::Act::GeluTanh)? {
             return Ok(y); // f32 on CPU: vectorised
         }
     }
-    Ok(if approximate { x.gelu()? } else { x.gelu_erf()? })
+    Ok(match approximate {
+        Gelu::Tanh => x.gelu()?,
+        Gelu::Erf => x.gelu_erf()?,
+    })
 }
 
 /// SiLU (swish): x·σ(x).
@@ -364,9 +377,10 @@ pub fn rope_tables_at(inv_freq: &[f64], positions: &[i64], dtype: DType, device:
     Ok((cos, sin))
 }
 
-/// Rotary position embedding, half-split ("rotate_half") convention: x [B, H, T, D], cos/sin [T, D/2] or
-/// [B, T, D/2] for the positions of x.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// Rotary position embedding from its tables, half-split ("rotate_half") convention: x [B, H, T, D], cos/sin
+/// [T, D/2] or [B, T, D/2] for the positions of x (from `rope_tables_at`; Python's `rope(x, positions, ...)`
+/// is `rope_inv_freq` → `rope_tables_at` → this).
+pub fn rope_apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)?)
 }
 

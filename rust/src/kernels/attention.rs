@@ -232,7 +232,7 @@ mod tests {
         let v = v.contiguous().unwrap().repeat_interleave_heads(rep);
         let mut s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         if causal {
-            let m = crate::ops::causal_mask(tq, tk, DType::F32, &Device::Cpu).unwrap();
+            let m = crate::ops::causal_bias(tq, tk, DType::F32, &Device::Cpu).unwrap();
             s = s.broadcast_add(&m).unwrap();
         }
         let p = candle_nn::ops::softmax_last_dim(&s).unwrap();

@@ -123,7 +123,7 @@ impl Bert {
             let v = split_heads(&l.value.forward(&x)?, h, d)?;
             let y = ops::attention(&q, &k, &v, false, Some(&mask), None)?;
             x = l.attn_norm.forward(&(x + l.attn_out.forward(&merge_heads(&y)?)?)?)?;
-            let m = ops::gelu(&l.intermediate.forward(&x)?, false)?;
+            let m = ops::gelu(&l.intermediate.forward(&x)?, ops::Gelu::Erf)?;
             x = l.out_norm.forward(&(x + l.output.forward(&m)?)?)?;
         }
         Ok(x.to_dtype(DType::F32)?)

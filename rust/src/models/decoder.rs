@@ -361,7 +361,7 @@ impl Decoder {
             if self.rope_interleaved {
                 Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)?)
             } else {
-                ops::rope(x, cos, sin)
+                ops::rope_apply(x, cos, sin)
             }
         };
         if rd == d {
@@ -379,13 +379,13 @@ impl Decoder {
                 Act::Silu => ops::swiglu(&y)?, // silu(gate) · up, one pass
                 a => {
                     let f = self.cfg.intermediate_size;
-                    (ops::gelu(&y.narrow(2, 0, f)?, a == Act::GeluTanh)? * y.narrow(2, f, f)?)?
+                    (ops::gelu(&y.narrow(2, 0, f)?, gelu_kind(a))? * y.narrow(2, f, f)?)?
                 }
             }
         } else {
             match self.mlp_act {
                 Act::Silu => ops::silu(&y)?,
-                a => ops::gelu(&y, a == Act::GeluTanh)?,
+                a => ops::gelu(&y, gelu_kind(a))?,
             }
         };
         blk.down.forward(&g)
@@ -480,6 +480,11 @@ impl Decoder {
     pub fn act_dtype(&self) -> DType {
         self.act
     }
+}
+
+/// The GELU of a GELU activation.
+fn gelu_kind(a: Act) -> ops::Gelu {
+    if a == Act::GeluTanh { ops::Gelu::Tanh } else { ops::Gelu::Erf }
 }
 
 /// GPT-NeoX's query_key_value [H·3·D, C] (rows head by head: q_h, k_h, v_h) as one [q | k | v] projection.

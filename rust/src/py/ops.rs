@@ -280,16 +280,16 @@ pub fn ops_rms_norm<'py>(
 #[pyfunction]
 #[pyo3(signature = (x, approximate = "tanh"))]
 pub fn ops_gelu<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, approximate: &str) -> PyResult<Out<'py>> {
-    let tanh = match approximate {
-        "tanh" => true,
-        "none" => false,
+    let kind = match approximate {
+        "tanh" => ops::Gelu::Tanh,
+        "none" => ops::Gelu::Erf,
         other => return Err(Error::arg(format!("gelu: approximate must be \"tanh\" or \"none\", got {other:?}"))).py(),
     };
     if x.len() == 0 {
         return empty(py, x.shape());
     }
     let x = tensor(&x).py()?;
-    run(py, move || ops::gelu(&x, tanh))
+    run(py, move || ops::gelu(&x, kind))
 }
 
 /// SiLU: x·σ(x).
@@ -388,7 +388,7 @@ pub fn ops_rope<'py>(
         let inv_freq = ops::rope_inv_freq(d, theta, &scaling);
         let (cos, sin) = ops::rope_tables_at(&inv_freq, &pos, DType::F32, &Device::Cpu)?; // [P, D/2]
         let (cos, sin) = if batched { (cos.reshape((b, t, d / 2))?, sin.reshape((b, t, d / 2))?) } else { (cos, sin) };
-        Ok(ops::rope(&x.reshape((b, h, t, d))?, &cos, &sin)?.reshape(xs)?)
+        Ok(ops::rope_apply(&x.reshape((b, h, t, d))?, &cos, &sin)?.reshape(xs)?)
     })
 }
 
