@@ -69,7 +69,7 @@ def test_minilm_hidden_states_and_embeddings():
     m = cw.load(minilm_path())
     r = np.load(DATA / "minilm-reference" / "reference.npz")
     mask = r["attention_mask"].astype(bool)
-    hidden, emb = m._native.encode_ids(r["input_ids"].astype(np.int64), r["attention_mask"].astype(np.int64))
+    hidden, emb = m._native.embed_ids(r["input_ids"].astype(np.int64), r["attention_mask"].astype(np.int64))
     assert np.abs(hidden - r["last_hidden_state"])[mask].max() < 1e-4
     assert np.abs(emb - r["embeddings"]).max() < 1e-4
     # from text, through the tokenizer

@@ -381,7 +381,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
         bar.update()
         bar.set_postfix_str("running both")
         if isinstance(ref, reference.Encoder):
-            hidden, embedding = model._native.encode([args.text])         # [1, T, C], [1, C]
+            hidden, embedding = model._native.embed_texts([args.text])         # [1, T, C], [1, C]
             ids, mask = ref.encode_batch([args.text])
             rows = [("last hidden state", hidden[0], ref.hidden_states(ids, mask)[0]),
                     ("embedding", embedding[0], ref.embed([args.text])[0])]

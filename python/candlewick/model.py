@@ -201,7 +201,7 @@ class Model:
         config says (encoder models)."""
         if isinstance(texts, str):
             texts = [texts]
-        return self._native.encode(list(texts))[1]
+        return self._native.embed_texts(list(texts))[1]
 
     def __repr__(self) -> str:
         c = self.config

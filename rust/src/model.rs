@@ -267,7 +267,7 @@ impl Model {
     }
 
     /// BERT: last_hidden_state [B, T, C] and pooled embeddings [B, C] for texts.
-    pub fn encode_texts(&self, texts: &[String]) -> Result<(Tensor, Tensor)> {
+    pub fn embed_texts(&self, texts: &[String]) -> Result<(Tensor, Tensor)> {
         let Net::Bert(bert) = &self.net else {
             return Err(Error::arg("embed() needs an encoder model (BERT); this is a decoder"));
         };

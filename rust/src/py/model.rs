@@ -128,17 +128,17 @@ impl PyModel {
     }
 
     /// (last_hidden_state [B, T, C], embeddings [B, C]) for texts (encoder models).
-    fn encode<'py>(
+    fn embed_texts<'py>(
         &self,
         py: Python<'py>,
         texts: Vec<String>,
     ) -> PyResult<(Array<'py>, Array<'py>)> {
-        let (h, e) = py.detach(|| self.inner.encode_texts(&texts)).py()?;
+        let (h, e) = py.detach(|| self.inner.embed_texts(&texts)).py()?;
         Ok((to_numpy(py, &h)?, to_numpy(py, &e)?))
     }
 
     /// (last_hidden_state, embeddings) for given input_ids and attention_mask [B, T] (encoder models).
-    fn encode_ids<'py>(
+    fn embed_ids<'py>(
         &self,
         py: Python<'py>,
         ids: PyReadonlyArray2<'py, i64>,
