@@ -7,6 +7,7 @@ pub mod error;
 pub mod fastmath;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_vocab;
 pub mod linear;
 pub mod model;
 pub mod models;
