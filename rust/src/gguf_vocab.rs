@@ -23,6 +23,21 @@ const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
 
+/// Token texts llama.cpp's loader makes control tokens whatever their type (its "auto-detect special tokens by
+/// text": end-of-generation, end-of-turn and fill-in-the-middle markers), so they are split out of the text.
+/// llama.cpp takes only the first fill-in-the-middle marker of each kind it meets in a hash map; all are taken here.
+const AUTO_CONTROL: &[&str] = &[
+    "</s>", "<EOT>", "<MID>", "<PAD>", "<PRE>", "<REPO>", "<SUF>", "<end_of_turn>", "<end_of_utterance>", "<eos>",
+    "<fim-middle>", "<fim-pad>", "<fim-prefix>", "<fim-repo>", "<fim-suffix>", "<fim_middle>", "<fim_pad>",
+    "<fim_prefix>", "<fim_suffix>", "<reponame>", "<turn|>", "<|calls|>", "<|call|>", "<|code_middle|>",
+    "<|code_prefix|>", "<|code_suffix|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<|eom_id|>", "<|eot_id|>",
+    "<|file_sep|>", "<|fim_middle|>", "<|fim_pad|>", "<|fim_prefix|>", "<|fim_repo|>", "<|fim_suffix|>", "<|flush|>",
+    "<|im_end|>", "<|middle|>", "<|prefix|>", "<|repo_name|>", "<|return|>", "<|suffix|>", "<|tool_response>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>", "<\u{ff5c}fim\u{2581}begin\u{ff5c}>",
+    "<\u{ff5c}fim\u{2581}end\u{ff5c}>", "<\u{ff5c}fim\u{2581}hole\u{ff5c}>", "[EOS]", "[EOT]", "[PAD]", "[e~[",
+    "_<EOT>", "\u{2581}<MID>", "\u{2581}<PRE>", "\u{2581}<SUF>",
+];
+
 /// tokenizer.ggml.pre values, as llama.cpp's llama_vocab::impl::load maps them: (names, pre-tokenizer type,
 /// ignore_merges, add_bos by default). "" (absent) is llama.cpp's "default".
 const PRE_NAMES: &[(&[&str], &str, bool, bool)] = &[
@@ -349,6 +364,9 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
     if types.len() < tokens.len() {
         return Err(err(g, format!("{} token types for {} tokens", types.len(), tokens.len())));
     }
+    // control tokens, with llama.cpp's by-text ones (their type is otherwise kept: a normal one still matches)
+    let control: Vec<bool> =
+        tokens.iter().zip(&types).map(|(t, &ty)| ty == CONTROL || AUTO_CONTROL.contains(&t.as_str())).collect();
     let scores: Option<Vec<f32>> = match g.meta("tokenizer.ggml.scores") {
         Some(Value::Array(v)) => Some(v.iter().map(|x| num_of(x).unwrap_or(0.0) as f32).collect()),
         Some(_) => return Err(err(g, "metadata \"tokenizer.ggml.scores\" is not an array")),
@@ -470,12 +488,13 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
     };
     let add_bos = opt_bool(g, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
     let add_eos = opt_bool(g, "tokenizer.ggml.add_eos_token").unwrap_or(model == "t5");
-    // token types: 3 = control (special), 4 = user-defined (added, not special)
+    // split out of the text as llama.cpp's tokenizer_st_partition does (parse_special): control and unknown tokens
+    // (special), user-defined ones (added, not special)
     let added: Vec<serde_json::Value> = (0..n)
-        .filter(|&i| types[i] == CONTROL || types[i] == USER_DEFINED)
+        .filter(|&i| control[i] || types[i] == USER_DEFINED || types[i] == UNKNOWN)
         .map(|i| {
             json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": types[i] == CONTROL})
+                   "normalized": false, "special": control[i] || types[i] == UNKNOWN})
         })
         .collect();
     let post = match (model.as_str(), add_bos, bos) {
@@ -521,7 +540,7 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
         Some(kind) => {
             let token_to_id = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
             let mut specials: Vec<u32> = (0..n)
-                .filter(|&i| matches!(types[i], CONTROL | USER_DEFINED | UNKNOWN))
+                .filter(|&i| control[i] || matches!(types[i], USER_DEFINED | UNKNOWN))
                 .map(|i| i as u32)
                 .collect();
             specials.sort_by_key(|&i| std::cmp::Reverse(tokens[i as usize].len()));
@@ -531,6 +550,7 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
                 kind,
                 tokens,
                 types,
+                control,
                 token_to_id,
                 specials,
                 max_token_len,
@@ -609,6 +629,8 @@ pub struct Encoder {
     kind: Kind,
     tokens: Vec<String>,
     types: Vec<i32>,
+    /// control tokens (by type, or by text as llama.cpp detects them)
+    control: Vec<bool>,
     token_to_id: HashMap<String, u32>,
     /// control, user-defined and unknown tokens, longest first (llama.cpp's cache_special_tokens)
     specials: Vec<u32>,
@@ -656,6 +678,34 @@ impl Encoder {
             });
         }
         Ok(out)
+    }
+
+    /// llama.cpp's detokenize for byte-level BPE: normal tokens back to their bytes, user-defined and (unless
+    /// skipped) control tokens as their text. None for the other kinds (their `tokenizers` decoder is used).
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Option<String> {
+        if !matches!(self.kind, Kind::Bpe { .. }) {
+            return None;
+        }
+        let chars = byte_chars();
+        let mut bytes = Vec::new();
+        for &id in ids {
+            let text = &self.tokens[id as usize];
+            if self.control[id as usize] {
+                if !skip_special_tokens {
+                    bytes.extend_from_slice(text.as_bytes());
+                }
+            } else if self.types[id as usize] == USER_DEFINED {
+                bytes.extend_from_slice(text.as_bytes());
+            } else {
+                for c in text.chars() {
+                    match chars.iter().position(|&b| b == c) {
+                        Some(b) => bytes.push(b as u8),
+                        None => bytes.extend_from_slice(c.to_string().as_bytes()),
+                    }
+                }
+            }
+        }
+        Some(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// tokenizer_st_partition: every occurrence of a special token's text becomes that token, longest first.
@@ -738,7 +788,10 @@ impl Encoder {
     /// "▁" + word (llama.cpp's converter writes word starts as ▁x and continuations without ##).
     fn wpm(&self, text: &str, lowercase: bool, strip_accents: bool, out: &mut Vec<u32>) -> Result<()> {
         use unicode_normalization_alignments::UnicodeNormalization;
-        let cpts: Vec<char> = if strip_accents { text.nfd().map(|(c, _)| c).collect() } else { text.chars().collect() };
+        // llama.cpp's unicode_cpts_normalize_nfd keeps one code point per character: the first of its NFD (é -> e,
+        // 어 -> ᄋ), so a decomposition's marks and trailing jamo are dropped, not split off
+        let first_nfd = |c: char| c.to_string().as_str().nfd().next().map(|(d, _)| d).unwrap_or(c);
+        let cpts: Vec<char> = if strip_accents { text.chars().map(first_nfd).collect() } else { text.chars().collect() };
         let mut words: Vec<String> = vec![String::new()];
         for c in cpts {
             if c.is_whitespace() {

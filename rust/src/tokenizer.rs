@@ -220,6 +220,9 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.check_ids(ids)?;
+        if let Some(text) = self.encoder.as_ref().and_then(|e| e.decode(ids, skip_special_tokens)) {
+            return Ok(text);
+        }
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| Error::tok(format!("cannot decode: {e}")))
