@@ -427,20 +427,17 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
             let (pre_type, ignore_merges, add_bos) = pre_type(&pre).map_err(|e| err(g, e))?;
             add_bos_default = add_bos;
             let merges = strings(g, "tokenizer.ggml.merges")?;
-            let ranks = merges
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    // llama.cpp: the first space after the first character separates the two halves
-                    let cut = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(at, _)| at);
-                    let pair = match cut {
-                        Some(at) => (m[..at].to_string(), m[at + 1..].to_string()),
-                        None => (String::new(), String::new()),
-                    };
-                    (pair, i)
-                })
-                .rev() // the first rank of a repeated merge wins, as std::map::emplace keeps it
-                .collect();
+            let mut ranks: Ranks = HashMap::new();
+            for (i, m) in merges.iter().enumerate() {
+                // llama.cpp: the first space after the first character separates the two halves
+                let cut = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(at, _)| at);
+                let (l, r) = match cut {
+                    Some(at) => (&m[..at], &m[at + 1..]),
+                    None => ("", ""),
+                };
+                // the first rank of a repeated merge wins, as std::map::emplace keeps it
+                ranks.entry(l.to_string()).or_default().entry(r.to_string()).or_insert(i);
+            }
             encoder = Some(Kind::Bpe { split: Splitter::new(pre_type).map_err(|e| err(g, e))?, ranks, ignore_merges });
             let merges: Vec<(String, String)> = merges
                 .iter()
@@ -619,7 +616,7 @@ pub fn supported_pre_names() -> Vec<&'static str> {
 }
 
 enum Kind {
-    Bpe { split: Splitter, ranks: HashMap<(String, String), usize>, ignore_merges: bool },
+    Bpe { split: Splitter, ranks: Ranks, ignore_merges: bool },
     Wpm { lowercase: bool, strip_accents: bool },
     Ugm { scores: Vec<f32>, unknown_score: f64, charsmap: Charsmap, add_space_prefix: bool, remove_extra_whitespaces: bool },
 }
@@ -744,7 +741,7 @@ impl Encoder {
         &self,
         text: &str,
         split: &Splitter,
-        ranks: &HashMap<(String, String), usize>,
+        ranks: &Ranks,
         ignore_merges: bool,
         out: &mut Vec<u32>,
     ) -> Result<()> {
@@ -757,22 +754,9 @@ impl Encoder {
                     continue;
                 }
             }
-            let mut symbols: Vec<String> = word.chars().map(String::from).collect();
-            loop {
-                let mut best: Option<(usize, usize)> = None;
-                for i in 0..symbols.len().saturating_sub(1) {
-                    if let Some(&r) = ranks.get(&(symbols[i].clone(), symbols[i + 1].clone())) {
-                        if best.map_or(true, |(br, _)| r < br) {
-                            best = Some((r, i));
-                        }
-                    }
-                }
-                let Some((_, i)) = best else { break };
-                let right = symbols.remove(i + 1);
-                symbols[i].push_str(&right);
-            }
+            let symbols = merge(&word, ranks);
             for s in symbols {
-                match self.token_to_id.get(&s) {
+                match self.token_to_id.get(s) {
                     Some(&id) => out.push(id),
                     // llama.cpp looks each byte of a piece outside the vocabulary up as a one-byte token
                     None => out.extend(
@@ -954,6 +938,53 @@ impl Encoder {
         out[start..].reverse();
         Ok(())
     }
+}
+
+/// BPE ranks: left half -> right half -> rank (looked up without building a key).
+type Ranks = HashMap<String, HashMap<String, usize>>;
+
+/// llm_tokenizer_bpe_session's merging: one symbol per character, then always the adjacent pair of lowest rank
+/// (the leftmost of equal ranks), with a queue of pairs checked against the symbols' current lengths.
+fn merge<'a>(word: &'a str, ranks: &Ranks) -> Vec<&'a str> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // (start, len, prev, next) of each symbol; len 0 = merged away
+    let mut sym: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for (i, (at, c)) in word.char_indices().enumerate() {
+        sym.push((at, c.len_utf8(), i.wrapping_sub(1), i + 1));
+    }
+    let n = sym.len();
+    let text = |s: &(usize, usize, usize, usize)| &word[s.0..s.0 + s.1];
+    let mut queue: BinaryHeap<Reverse<(usize, usize, usize, usize)>> = BinaryHeap::new();
+    let push = |queue: &mut BinaryHeap<_>, sym: &[(usize, usize, usize, usize)], l: usize, r: usize| {
+        if l >= n || r >= n {
+            return;
+        }
+        if let Some(&rank) = ranks.get(text(&sym[l])).and_then(|m| m.get(text(&sym[r]))) {
+            queue.push(Reverse((rank, l, sym[l].1, sym[r].1)));
+        }
+    };
+    for i in 1..n {
+        push(&mut queue, &sym, i - 1, i);
+    }
+    while let Some(Reverse((_, l, len_l, len_r))) = queue.pop() {
+        let r = sym[l].3;
+        if sym[l].1 != len_l || r >= n || sym[r].1 != len_r || len_l == 0 || len_r == 0 {
+            continue; // outdated
+        }
+        sym[l].1 += sym[r].1;
+        sym[r].1 = 0;
+        sym[l].3 = sym[r].3;
+        if sym[r].3 < n {
+            let next = sym[r].3;
+            sym[next].2 = l;
+        }
+        let prev = sym[l].2;
+        push(&mut queue, &sym, prev, l);
+        let next = sym[l].3;
+        push(&mut queue, &sym, l, next);
+    }
+    sym.iter().filter(|s| s.1 > 0).map(text).collect()
 }
 
 fn utf8_len(b: u8) -> usize {
