@@ -148,3 +148,15 @@ def test_unknown_pre_lists_what_is_supported(tmp_path):
     path = vocab_only(DATA / "gpt2-tiny", tmp_path / "v.gguf", "some-new-pre")
     with pytest.raises(cw.CandlewickError, match="supported, as llama.cpp: .*deepseek-llm.*qwen2.*tekken"):
         cw.Tokenizer.from_pretrained(path)
+
+
+def test_long_inputs_encode_as_the_tokenizer_json(tmp_path):
+    """A 26,000-character word (no spaces) and ~300 kB of prose: the GGUF encoder gives the tokenizer.json's ids."""
+    hf = cw.Tokenizer.from_pretrained(DATA / "gpt2-tiny")
+    path = bpe_vocab_gguf(json.loads((DATA / "gpt2-tiny/tokenizer.json").read_text()), tmp_path / "g.gguf", "gpt-2")
+    tok = cw.Tokenizer.from_pretrained(path)
+    root = DATA.parent.parent
+    for text in ["我想在apple工作" * 2000, ((root / "README.md").read_text() + (root / "docs/decisions.md").read_text()) * 10]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == hf.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
