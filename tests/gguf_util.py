@@ -288,3 +288,178 @@ def write_decoder_gguf(folder: Path, out: Path, qtype: gguf.GGMLQuantizationType
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+# --- vocabulary-only files (tokenizer.ggml.* metadata, no tensors), as convert_hf_to_gguf.py writes them ---------
+
+def byte_chars() -> list[str]:
+    """GPT-2's bytes_to_unicode: the character standing for each byte in byte-level BPE vocabularies."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def _looks_special(t: str) -> bool:
+    """convert_hf_to_gguf.py's does_token_look_special."""
+    return (t in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (t.startswith("<|") and t.endswith("|>"))
+            or (t.startswith("<｜") and t.endswith("｜>")) or (t.startswith("<unused") and t.endswith(">")))
+
+
+def _finish(writer: gguf.GGUFWriter) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def bpe_vocab_gguf(tok: dict, out: Path, pre: str) -> Path:
+    """A tokenizer.json byte-level BPE as _set_vocab_gpt2 writes it: added tokens CONTROL when special (or looking
+    special), USER_DEFINED otherwise."""
+    tokens = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    types = [1] * len(tokens)
+    for a in tok["added_tokens"]:
+        if a["id"] >= len(tokens):
+            tokens += [f"[PAD{i}]" for i in range(len(tokens), a["id"] + 1)]
+            types += [5] * (a["id"] + 1 - len(types))
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = 3 if a["special"] or _looks_special(a["content"]) else 4
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    _finish(w)
+    return out
+
+
+def bert_vocab_gguf(tok: dict, out: Path) -> Path:
+    """A WordPiece tokenizer.json as BertModel.set_vocab writes it: "##x" becomes "x", any other non-control
+    token "x" becomes "▁x" (llama.cpp's phantom-space vocabulary)."""
+    tokens = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    control = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    types = [3 if i in control else 1 for i in range(len(tokens))]
+    tokens = [t if i in control else t[2:] if t.startswith("##") else "\u2581" + t for i, t in enumerate(tokens)]
+    ids = {a["content"]: a["id"] for a in tok["added_tokens"]}
+    w = gguf.GGUFWriter(str(out), "bert")
+    w.add_token_type_count(2)
+    w.add_tokenizer_model("bert")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_unk_token_id(ids["[UNK]"])
+    w.add_sep_token_id(ids["[SEP]"])
+    w.add_pad_token_id(ids["[PAD]"])
+    w.add_key_value("tokenizer.ggml.cls_token_id", ids["[CLS]"], gguf.GGUFValueType.UINT32)
+    w.add_mask_token_id(ids["[MASK]"])
+    _finish(w)
+    return out
+
+
+def t5_vocab_gguf(model_file: Path, out: Path) -> Path:
+    """A sentencepiece Unigram model as T5Model.set_vocab writes it (plus one added <extra_id_0>, USER_DEFINED with
+    score -1000, as T5's added_tokens.json gives)."""
+    import os
+
+    os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as model
+
+    proto = model.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    sp = SentencePieceProcessor(model_file=str(model_file))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.IdToPiece(i))
+        scores.append(sp.GetScore(i))
+        types.append(2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 5 if sp.IsUnused(i) else 6 if sp.IsByte(i) else 1)
+    tokens.append("<extra_id_0>")
+    scores.append(-1000.0)
+    types.append(4)
+    w = gguf.GGUFWriter(str(out), "t5")
+    w.add_tokenizer_model("t5")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+    w.add_precompiled_charsmap(proto.normalizer_spec.precompiled_charsmap)
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_pad_token_id(sp.pad_id())
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(True)
+    _finish(w)
+    return out
+
+
+_ID_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+            "unk": "tokenizer.ggml.unknown_token_id", "sep": "tokenizer.ggml.seperator_token_id",
+            "pad": "tokenizer.ggml.padding_token_id", "cls": "tokenizer.ggml.cls_token_id",
+            "mask": "tokenizer.ggml.mask_token_id", "eot": "tokenizer.ggml.eot_token_id"}
+_LISTS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
+
+
+def _field(f):
+    t = f.types[0]
+    if t == gguf.GGUFValueType.ARRAY:
+        sub = f.types[1]
+        if sub == gguf.GGUFValueType.STRING:
+            return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+        return [f.parts[i].tolist()[0] for i in f.data]
+    if t == gguf.GGUFValueType.STRING:
+        return bytes(f.parts[f.data[0]]).decode("utf-8")
+    return f.parts[f.data[0]].tolist()[0]
+
+
+def read_vocab(path: Path) -> dict:
+    """The tokenizer.ggml.* metadata of a GGUF file."""
+    r = gguf.GGUFReader(str(path))
+    f = r.fields
+    get = lambda k: _field(f[k]) if k in f else None  # noqa: E731
+    return {"model": get("tokenizer.ggml.model"), "pre": get("tokenizer.ggml.pre"),
+            "tokens": get("tokenizer.ggml.tokens"), "types": get("tokenizer.ggml.token_type"),
+            "scores": get("tokenizer.ggml.scores"), "merges": get("tokenizer.ggml.merges"),
+            "ids": {k: get(v) for k, v in _ID_KEYS.items()}}
+
+
+def copy_vocab_gguf(src: Path, dst: Path, sub: dict | None = None, pre: str | None = None) -> Path:
+    """A vocab-only copy of src's tokenizer.ggml.* metadata, with sub's tokens/types/scores/merges/ids (see
+    read_vocab) and `pre` in place of the originals where given. Chat templates are left out."""
+    r = gguf.GGUFReader(str(src))
+    f = r.fields
+    arch = _field(f["general.architecture"])
+    w = gguf.GGUFWriter(str(dst), arch)
+    sub = sub or {}
+    lists = {"tokenizer.ggml.tokens": "tokens", "tokenizer.ggml.token_type": "types",
+             "tokenizer.ggml.scores": "scores", "tokenizer.ggml.merges": "merges"}
+    ids = {v: k for k, v in _ID_KEYS.items()}
+    for key, field in f.items():
+        if not key.startswith("tokenizer.") or key.startswith("tokenizer.chat_template"):
+            continue
+        value = _field(field)
+        if key in lists and sub.get(lists[key]) is not None:
+            value = sub[lists[key]]
+        if key in ids and "ids" in sub:
+            value = sub["ids"].get(ids[key])
+            if value is None:
+                continue
+        if key == "tokenizer.ggml.pre" and pre is not None:
+            value = pre
+        t = field.types[0]
+        if key == "tokenizer.ggml.precompiled_charsmap":
+            w.add_precompiled_charsmap(bytes(np.asarray(value, dtype=np.uint8)))
+        elif t == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, t, sub_type=field.types[1])
+        else:
+            w.add_key_value(key, value, t)
+    if pre is not None and "tokenizer.ggml.pre" not in f:
+        w.add_tokenizer_pre(pre)
+    _finish(w)
+    return dst

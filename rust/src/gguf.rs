@@ -1,6 +1,5 @@
 //! GGUF files (llama.cpp's format): metadata -> config and tokenizer, tensors -> quantized projections.
 
-use std::collections::HashMap;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
@@ -43,14 +42,14 @@ impl Gguf {
         Ok(g)
     }
 
-    fn get(&self, key: &str) -> Result<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Result<&Value> {
         self.content
             .metadata
             .get(key)
             .ok_or_else(|| Error::load(&self.path, format!("missing metadata key {key:?}")))
     }
 
-    fn str(&self, key: &str) -> Result<String> {
+    pub(crate) fn str(&self, key: &str) -> Result<String> {
         self.get(key)?.to_string().cloned().map_err(|_| Error::load(&self.path, format!("metadata {key:?} is not a string")))
     }
 
@@ -69,7 +68,7 @@ impl Gguf {
         Ok(self.num(key)? as usize)
     }
 
-    fn opt_num(&self, key: &str) -> Option<f64> {
+    pub(crate) fn opt_num(&self, key: &str) -> Option<f64> {
         self.content.metadata.get(key).and_then(|_| self.num(key).ok())
     }
 
@@ -255,162 +254,14 @@ impl Gguf {
         self.content.metadata.get(key).and_then(|v| v.to_bool().ok())
     }
 
-    /// The tokenizer described by tokenizer.ggml.* (byte-level BPE, or SentencePiece BPE), as a Hugging Face
-    /// tokenizer pipeline.
+    /// The tokenizer described by tokenizer.ggml.* (rust/src/gguf_vocab.rs).
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        let model = self.str("tokenizer.ggml.model")?;
-        if model != "gpt2" && model != "llama" {
-            return Err(Error::load(
-                &self.path,
-                format!(
-                    "tokenizer.ggml.model {model:?} is not supported (supported: \"gpt2\", byte-level BPE; \"llama\", \
-                     SentencePiece BPE)"
-                ),
-            ));
-        }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            match self.get(key)? {
-                Value::Array(v) => v
-                    .iter()
-                    .map(|x| x.to_string().cloned().map_err(|_| Error::load(&self.path, format!("{key} holds a non-string"))))
-                    .collect(),
-                _ => Err(Error::load(&self.path, format!("metadata {key:?} is not an array"))),
-            }
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let types: Vec<i64> = match self.content.metadata.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(v)) => v.iter().map(|x| x.to_i32().map(i64::from).unwrap_or(1)).collect(),
-            _ => vec![1; tokens.len()],
-        };
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-        let id = |key: &str| self.opt_num(key).map(|x| x as usize).filter(|&i| i < tokens.len());
-        let (normalizer, pre_tokenizer, decoder, bpe) = if model == "llama" {
-            let scores: Vec<f64> = match self.get("tokenizer.ggml.scores")? {
-                Value::Array(v) => v.iter().map(|x| x.to_f32().map(f64::from).unwrap_or(0.0)).collect(),
-                _ => return Err(Error::load(&self.path, "metadata \"tokenizer.ggml.scores\" is not an array")),
-            };
-            if scores.len() != tokens.len() {
-                return Err(Error::load(&self.path, format!("{} token scores for {} tokens", scores.len(), tokens.len())));
-            }
-            // SentencePiece BPE as transformers' LlamaTokenizerFast has it: spaces as ▁ with one in front of
-            // every piece of text, merges ranked by the score of the piece they make, unknown characters as
-            // <0xXX> byte tokens
-            let unk = id("tokenizer.ggml.unknown_token_id").map(|i| tokens[i].clone());
-            (
-                json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"},
-                       {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]}),
-                serde_json::Value::Null,
-                json!({"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                       {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}),
-                json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                       "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                       "vocab": vocab, "merges": spm_merges(&tokens, &scores)}),
-            )
-        } else {
-            let pre = self.content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-            (serde_json::Value::Null, self.bpe_pre_tokenizer(&pre)?, json!({"type": "ByteLevel", "add_prefix_space": true,
-                "trim_offsets": true, "use_regex": true}),
-             json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                    "vocab": vocab, "merges": strings("tokenizer.ggml.merges")?}))
-        };
-        // token types: 3 = control (special), 4 = user-defined (added, not special)
-        let added: Vec<serde_json::Value> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(i, &t)| {
-                json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
-                       "normalized": false, "special": t == 3})
-            })
-            .collect();
-        let add_bos = self.content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        let post = match (add_bos, id("tokenizer.ggml.bos_token_id")) {
-            (true, Some(b)) => json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": tokens[b], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": tokens[b], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {tokens[b].clone(): {"id": tokens[b], "ids": [b], "tokens": [tokens[b]]}}}),
-            _ => serde_json::Value::Null,
-        };
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null, "padding": null,
-            "added_tokens": added,
-            "normalizer": normalizer,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": post,
-            "decoder": decoder,
-            "model": bpe,
-        });
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
-            .parse()
-            .map_err(|e| Error::load(&self.path, format!("cannot build the tokenizer from its metadata: {e}")))?;
-        let mut tok_config = serde_json::Map::new();
-        for (name, key) in [
-            ("bos_token", "tokenizer.ggml.bos_token_id"),
-            ("eos_token", "tokenizer.ggml.eos_token_id"),
-            ("unk_token", "tokenizer.ggml.unknown_token_id"),
-            ("pad_token", "tokenizer.ggml.padding_token_id"),
-        ] {
-            if let Some(i) = id(key) {
-                tok_config.insert(name.into(), json!(tokens[i]));
-            }
-        }
-        let mut config = HashMap::new();
-        if let Some(e) = id("tokenizer.ggml.eos_token_id") {
-            config.insert("eos_token_id", json!(e));
-        }
-        if let Some(e) = id("tokenizer.ggml.eot_token_id") {
-            config.insert("eot_token_id", json!(e));
-        }
-        let config = json!(config);
-        let gen = self.content.metadata.get("tokenizer.ggml.eot_token_id").and_then(|_| id("tokenizer.ggml.eot_token_id"));
-        let gen = gen.map(|e| json!({"eos_token_id": [e]}));
-        let template = self.content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-        Tokenizer::new(inner, self.path.clone(), Some(&json!(tok_config)), Some(&config), gen.as_ref(), template)
+        crate::gguf_vocab::tokenizer(self)
     }
 
-    /// llama.cpp's pre-tokenizer type (tokenizer.ggml.pre) as the equivalent tokenizers pipeline.
-    fn bpe_pre_tokenizer(&self, pre: &str) -> Result<serde_json::Value> {
-        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
-        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
-        Ok(match pre {
-            "" | "default" | "gpt2" | "gpt-2" => byte_level(true),
-            "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
-            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
-            other => {
-                return Err(Error::load(
-                    &self.path,
-                    format!("tokenizer.ggml.pre {other:?} is not supported (supported: gpt2, smollm, llama-bpe, qwen2)"),
-                ))
-            }
-        })
+    /// A metadata value, if the file has the key.
+    pub(crate) fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
     }
 }
 
-/// BPE merges for a SentencePiece vocabulary, as transformers derives them for Llama tokenizers: every split of a
-/// piece into two pieces of the vocabulary is a merge, ranked by the score of the piece it makes (highest first;
-/// splits of one piece in the order of their halves' ids).
-fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
-    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
-    let mut merges: Vec<(f64, usize, usize)> = Vec::new();
-    for (t, &score) in tokens.iter().zip(scores) {
-        let mut local: Vec<(usize, usize)> = t
-            .char_indices()
-            .skip(1)
-            .filter_map(|(at, _)| Some((*index.get(&t[..at])?, *index.get(&t[at..])?)))
-            .collect();
-        local.sort();
-        merges.extend(local.into_iter().map(|(l, r)| (score, l, r)));
-    }
-    // a stable sort, highest score first, as Python's sorted(..., reverse=True) leaves equal scores in order
-    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
-    merges.into_iter().map(|(_, l, r)| (tokens[l].clone(), tokens[r].clone())).collect()
-}
-
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_vocab;
 pub mod kernels;
 pub mod model;
 pub mod models;

@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// A GGUF vocabulary's own encoder (llama.cpp's BPE, WordPiece and Unigram); `inner` still decodes.
+    encoder: Option<std::sync::Arc<crate::gguf_vocab::Encoder>>,
     /// The tokenizer.json this was read from (for messages).
     pub source: PathBuf,
     pub bos_token_id: Option<u32>,
@@ -160,11 +162,18 @@ impl Tokenizer {
             bos_token_id: special_ids.get("bos_token").copied(),
             pad_token_id: special_ids.get("pad_token").copied(),
             inner,
+            encoder: None,
             source,
             eos_token_ids,
             chat_template,
             special_tokens,
         })
+    }
+
+    /// Encode with `encoder` instead of the `tokenizers` pipeline (which keeps decoding).
+    pub fn with_encoder(mut self, encoder: std::sync::Arc<crate::gguf_vocab::Encoder>) -> Self {
+        self.encoder = Some(encoder);
+        self
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -177,6 +186,9 @@ impl Tokenizer {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        if let Some(e) = &self.encoder {
+            return e.encode(text, add_special_tokens);
+        }
         let enc = self
             .inner
             .encode(text, add_special_tokens)
@@ -186,6 +198,10 @@ impl Tokenizer {
 
     /// Encode many texts in parallel (the `tokenizers` crate uses rayon).
     pub fn encode_batch(&self, texts: &[String], add_special_tokens: bool) -> Result<Vec<Vec<u32>>> {
+        if let Some(e) = &self.encoder {
+            use rayon::prelude::*;
+            return texts.par_iter().map(|t| e.encode(t, add_special_tokens)).collect();
+        }
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encs = self
             .inner
@@ -204,6 +220,9 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.check_ids(ids)?;
+        if let Some(text) = self.encoder.as_ref().and_then(|e| e.decode(ids, skip_special_tokens)) {
+            return Ok(text);
+        }
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| Error::tok(format!("cannot decode: {e}")))
