@@ -188,7 +188,8 @@ def write_decoder_gguf(folder: Path, out: Path, qtype: gguf.GGMLQuantizationType
     tok = json.loads((folder / "tokenizer.json").read_text())
     w = load_file(folder / "model.safetensors")
     mt = cfg["model_type"]
-    arch = {"gemma3_text": "gemma3", "gpt_neox": "gptneox"}.get(mt, mt)
+    # MistralForCausalLM converts as LlamaModel: arch llama, and no sliding window is written
+    arch = {"gemma3_text": "gemma3", "gpt_neox": "gptneox", "mistral": "llama"}.get(mt, mt)
     h = cfg["num_attention_heads"]
     hkv = cfg.get("num_key_value_heads") or h
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // h

@@ -14,17 +14,21 @@ from gguf_util import dequantized_checkpoint, write_decoder_gguf
 
 # Gemma 3 in GGUF follows llama.cpp: every 6th layer global (the 3-layer fixture's layer 2 is global in its
 # config, sliding in a GGUF file), local RoPE base 10000; so it is compared with a copy whose layer_types say so.
+# Mistral converts as a llama file, without its sliding window, and llama.cpp's llama graph attends to every key: so
+# it is compared with a copy without the window (the file cannot say it, and the engine computes what llama.cpp
+# computes on it).
 # SmolLM3 in GGUF follows llama.cpp too: every 4th layer without RoPE, which is what the fixture's no_rope_layers say.
-ARCHS = ["qwen3-tiny", "phi3-tiny", "gptneox-tiny", "llama3-rope-tiny", "gemma3-tiny", "smollm3-tiny"]
+ARCHS = ["qwen3-tiny", "phi3-tiny", "gptneox-tiny", "llama3-rope-tiny", "gemma3-tiny", "smollm3-tiny", "mistral-sw-tiny"]
+TWINS = {"gemma3-tiny": {"layer_types": ["sliding_attention"] * 3}, "mistral-sw-tiny": {"sliding_window": None}}
 
 
 def safetensors_twin(tmp_path, name):
-    if name != "gemma3-tiny":
+    if name not in TWINS:
         return DATA / name
-    out = tmp_path / "gemma3-pattern6"
+    out = tmp_path / f"{name}-as-gguf"
     shutil.copytree(DATA / name, out)
     cfg = json.loads((out / "config.json").read_text())
-    cfg["layer_types"] = ["sliding_attention"] * 3
+    cfg.update(TWINS[name])
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 
@@ -37,7 +41,7 @@ def test_f32_gguf_matches_safetensors(tmp_path, name):
     for i in range(4):
         ids = [int(t) for t in z[f"prompt{i}_ids"]]
         np.testing.assert_allclose(m.logits(ids), st.logits(ids), rtol=0, atol=1e-4)
-        if name != "gemma3-tiny":
+        if name not in TWINS:
             np.testing.assert_allclose(m.logits(ids), z[f"prompt{i}_logits"], rtol=0, atol=1e-4)
             out = m.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True)
             assert out.choices[0].token_ids == [int(t) for t in z[f"prompt{i}_greedy"]]
