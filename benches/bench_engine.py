@@ -10,7 +10,7 @@ Tests (as llama-bench names them):
                 prompt is not timed), greedy, in generated tokens per second.
 
 Each figure is the best (default) or the median (--stat median) of --reps timed runs after one untimed warm-up
-run; the two engines alternate run by run, so background load affects both alike. Best-of is the default because
+run; the engines alternate run by run, in ABBA order, so background load and running first affect both alike. Best-of is the default because
 on a shared machine other processes only ever slow a run down: the fastest run is the least disturbed one. Both engines run on the same random weights (normal, std 0.02;
 norms 1, biases 0), written as safetensors into a temporary checkpoint from the configs in benches/configs/ (the
 shapes of GPT-2 124M and SmolLM-135M); speed does not depend on the values, and the benches feed token ids, so no
@@ -241,8 +241,10 @@ def main() -> None:
                     times: dict[str, list[float]] = {e.name: [] for e in engines}
                     for e in engines:
                         run(e)
-                    for _ in range(args.reps):
-                        for e in engines:
+                    for rep in range(args.reps):
+                        # ABBA order: the engine that runs first in a round is measurably slower (seen on both
+                        # builds of one engine), so the order turns round by round
+                        for e in (engines if rep % 2 == 0 else engines[::-1]):
                             times[e.name].append(run(e))
                     pick = min if args.stat == "best" else statistics.median
                     tps = {name: n_tok / pick(t) for name, t in times.items()}
