@@ -12,13 +12,13 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::nn::Cache;
-use crate::sampling::{log_softmax, next_token, History, Rng, SamplingParams};
+use crate::sampling::{log_softmax, next_token, History, Rng, LogitsParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 #[derive(Debug, Clone)]
 pub struct GenParams {
     pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
+    pub sampling: LogitsParams,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
@@ -32,7 +32,7 @@ impl Default for GenParams {
     fn default() -> Self {
         Self {
             max_new_tokens: 16,
-            sampling: SamplingParams::default(),
+            sampling: LogitsParams::default(),
             stop: vec![],
             stop_token_ids: vec![],
             ignore_eos: false,

@@ -20,8 +20,10 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::error::{Error, Result};
 
+/// The parameters of steps 1-7 above: what turns logits into a distribution. (The reference's `SamplingParams`
+/// holds these and the generation limits, as `GenParams` does here; the name is kept for that one meaning.)
 #[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
+pub struct LogitsParams {
     pub temperature: f64,
     pub top_k: usize,
     pub top_p: f64,
@@ -32,7 +34,7 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f64)>,
 }
 
-impl Default for SamplingParams {
+impl Default for LogitsParams {
     fn default() -> Self {
         Self {
             temperature: 1.0,
@@ -47,7 +49,7 @@ impl Default for SamplingParams {
     }
 }
 
-impl SamplingParams {
+impl LogitsParams {
     pub fn validate(&self, vocab: usize) -> Result<()> {
         let finite = |name: &str, v: f64| -> Result<()> {
             if v.is_finite() { Ok(()) } else { Err(Error::arg(format!("{name} must be a finite number, got {v}"))) }
@@ -122,7 +124,7 @@ fn argmax(x: &[f64]) -> usize {
 }
 
 /// Steps 1-7 on one logits vector: the processed logits, -inf where a token was removed.
-pub fn process_logits(logits: &[f32], hist: &History, p: &SamplingParams) -> Vec<f64> {
+pub fn process_logits(logits: &[f32], hist: &History, p: &LogitsParams) -> Vec<f64> {
     let mut x: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
     // 1. repetition penalty
     if p.repetition_penalty != 1.0 {
@@ -185,7 +187,7 @@ pub fn process_logits(logits: &[f32], hist: &History, p: &SamplingParams) -> Vec
 }
 
 /// The distribution the next token is drawn from: softmax of the processed logits (one-hot when greedy).
-pub fn sampling_probs(logits: &[f32], hist: &History, p: &SamplingParams) -> Vec<f64> {
+pub fn sampling_probs(logits: &[f32], hist: &History, p: &LogitsParams) -> Vec<f64> {
     softmax(&process_logits(logits, hist, p))
 }
 
@@ -221,7 +223,7 @@ pub fn draw(probs: &[f64], u: f64) -> usize {
 }
 
 /// Choose the next token: greedy argmax, or a draw from the processed distribution.
-pub fn next_token(logits: &[f32], hist: &History, p: &SamplingParams, rng: &mut Rng) -> u32 {
+pub fn next_token(logits: &[f32], hist: &History, p: &LogitsParams, rng: &mut Rng) -> u32 {
     let x = process_logits(logits, hist, p);
     if p.is_greedy() {
         return argmax(&x) as u32;
@@ -245,7 +247,7 @@ mod tests {
         let logits = [1.0f32, 3.0, 2.0];
         let mut hist = History::new(&[1]);
         hist.push(1);
-        let p = SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() };
+        let p = LogitsParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() };
         // 3.0 / 2 = 1.5 < 2.0
         assert_eq!(next_token(&logits, &hist, &p, &mut Rng::new(0, 0)), 2);
     }
@@ -253,7 +255,7 @@ mod tests {
     #[test]
     fn top_p_keeps_shortest_prefix() {
         let logits: Vec<f32> = [0.5f64, 0.3, 0.2].iter().map(|p| p.ln() as f32).collect();
-        let p = SamplingParams { top_p: 0.7, ..Default::default() };
+        let p = LogitsParams { top_p: 0.7, ..Default::default() };
         let probs = sampling_probs(&logits, &History::default(), &p);
         assert!((probs[0] - 0.625).abs() < 1e-6 && (probs[1] - 0.375).abs() < 1e-6 && probs[2] == 0.0);
     }

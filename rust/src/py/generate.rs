@@ -12,7 +12,7 @@ use super::model::PyModel;
 use super::PyResultExt;
 use crate::error::Error;
 use crate::generate::{Completion, GenParams, Generation};
-use crate::sampling::{sampling_probs, History, Rng, SamplingParams};
+use crate::sampling::{sampling_probs, History, Rng, LogitsParams};
 
 fn arg_err(field: &str, e: PyErr, py: Python<'_>) -> PyErr {
     super::errors::to_py(Error::arg(format!("{field}: {}", e.value(py))))
@@ -34,7 +34,7 @@ fn non_negative(d: &Bound<'_, PyDict>, key: &str, default: i64) -> PyResult<usiz
 }
 
 /// Sampling parameters from a dict (missing keys take the documented defaults).
-pub(crate) fn sampling_from(d: &Bound<'_, PyDict>) -> PyResult<SamplingParams> {
+pub(crate) fn sampling_from(d: &Bound<'_, PyDict>) -> PyResult<LogitsParams> {
     let mut bias = Vec::new();
     if let Some(b) = d.get_item("logit_bias")? {
         if !b.is_none() {
@@ -57,7 +57,7 @@ pub(crate) fn sampling_from(d: &Bound<'_, PyDict>) -> PyResult<SamplingParams> {
             }
         }
     }
-    Ok(SamplingParams {
+    Ok(LogitsParams {
         temperature: get(d, "temperature", 1.0)?,
         top_k: non_negative(d, "top_k", 0)?,
         top_p: get(d, "top_p", 1.0)?,
