@@ -247,7 +247,7 @@ def test_ctrl_c_interrupts_generation(models):
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"n": 0}, "n must be >= 1"),
+        ({"n": 0}, "n must be in 1..=128"),
         ({"temperature": -0.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),

@@ -139,6 +139,10 @@ pub struct Config {
     pub raw: Value,
 }
 
+/// The most layers, and the widest hidden size or head count, a config may ask for.
+const MAX_LAYERS: usize = 4096;
+const MAX_WIDTH: usize = 1 << 20;
+
 struct Reader<'a> {
     v: &'a Value,
     file: &'a str,
@@ -327,6 +331,14 @@ impl Config {
             )));
         }
         let num_layers = r.usize(&["num_hidden_layers", "n_layer"])?;
+        // absurd sizes are refused before anything is sized by them (the largest released models have ~130 layers
+        // and hidden sizes of ~20k)
+        for (field, value, max) in [("num_hidden_layers", num_layers, MAX_LAYERS), ("hidden_size", hidden_size, MAX_WIDTH),
+                                    ("num_attention_heads", num_heads, MAX_WIDTH)] {
+            if value == 0 || value > max {
+                return Err(Error::ModelLoad(format!("{file}: {field} = {value} is out of range (1 to {max})")));
+            }
+        }
         // transformers' defaults where the key is missing: Qwen3 128, Gemma 3 256, else hidden / heads
         let head_dim = r.usize_or(&["head_dim"], match mt {
             "qwen3" => 128,

@@ -69,10 +69,15 @@ pub(crate) fn sampling_from(d: &Bound<'_, PyDict>) -> PyResult<LogitsParams> {
     })
 }
 
+/// Choices per prompt, at most (OpenAI's limit for n).
+const MAX_N: i64 = 128;
+/// Top alternatives per token, at most (OpenAI's limit for top_logprobs).
+const MAX_LOGPROBS: i64 = 20;
+
 pub(crate) fn params_from(d: &Bound<'_, PyDict>) -> PyResult<GenParams> {
     let n: i64 = get(d, "n", 1)?;
-    if n < 1 {
-        return Err(super::errors::to_py(Error::arg(format!("n must be >= 1, got {n}"))));
+    if !(1..=MAX_N).contains(&n) {
+        return Err(super::errors::to_py(Error::arg(format!("n must be in 1..={MAX_N} (OpenAI's limit), got {n}"))));
     }
     let stop: Vec<String> = match d.get_item("stop")? {
         Some(s) if s.is_instance_of::<pyo3::types::PyString>() => vec![s.extract()?],
@@ -85,8 +90,8 @@ pub(crate) fn params_from(d: &Bound<'_, PyDict>) -> PyResult<GenParams> {
     }
     let seed: Option<i64> = get(d, "seed", None)?;
     let logprobs: Option<i64> = get(d, "logprobs", None)?;
-    if let Some(l) = logprobs.filter(|&l| l < 0) {
-        return Err(super::errors::to_py(Error::arg(format!("logprobs must be >= 0, got {l}"))));
+    if let Some(l) = logprobs.filter(|l| !(0..=MAX_LOGPROBS).contains(l)) {
+        return Err(super::errors::to_py(Error::arg(format!("logprobs must be in 0..={MAX_LOGPROBS} (OpenAI's limit), got {l}"))));
     }
     Ok(GenParams {
         max_new_tokens: non_negative(d, "max_new_tokens", 16)?,
