@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import candlewick as cw
-from conftest import DATA
+from conftest import DATA, minilm_path
 from gguf_util import write_llama_gguf
 
 LLAMA = DATA / "llama-tiny"
@@ -62,3 +63,15 @@ def test_request_limits(model, kw, name):
 def test_limits_themselves_are_accepted(model):
     out = model.generate("Hello", max_new_tokens=2, n=128, logprobs=20, seed=0)
     assert len(out.choices) == 128 and len(out.choices[0].logprobs[0].top_logprobs) == 20
+
+
+@pytest.mark.parametrize("ids, mask, name", [
+    (np.zeros((1, 0), np.int64), np.zeros((1, 0), np.int64), r"\[1, 0\] has no tokens"),  # was a panic
+    (np.array([[101, -1, 102]]), np.ones((1, 3), np.int64), "token id -1 is out of range"),
+    (np.array([[101, 10**6, 102]]), np.ones((1, 3), np.int64), "token id 1000000 is out of range"),
+    (np.array([[101, 7592, 102]]), np.array([[1, 2, 1]]), "attention_mask holds 2"),
+])
+def test_encoder_inputs_are_checked(ids, mask, name):
+    m = cw.load(minilm_path())
+    with pytest.raises(cw.InvalidArgument, match=name):
+        m._native.embed_ids(ids.astype(np.int64), mask.astype(np.int64))

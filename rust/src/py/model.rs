@@ -152,12 +152,24 @@ impl PyModel {
                 mask.as_array().shape()
             ))));
         }
+        if shape[1] == 0 && shape[0] > 0 {
+            return Err(super::errors::to_py(crate::Error::arg(format!("input_ids {shape:?} has no tokens"))));
+        }
+        let vocab = self.inner.cfg.vocab_size;
+        if let Some(bad) = crate::error::first_out_of_range(ids.as_array().iter().copied(), vocab) {
+            return Err(super::errors::to_py(crate::Error::arg(format!(
+                "input_ids: token id {bad} is out of range for a vocabulary of {vocab}"
+            ))));
+        }
+        if let Some(bad) = mask.as_array().iter().find(|&&m| m != 0 && m != 1) {
+            return Err(super::errors::to_py(crate::Error::arg(format!("attention_mask holds {bad}: only 0 and 1"))));
+        }
         let ids: Vec<u32> = ids.as_array().iter().map(|&x| x as u32).collect();
         let mask: Vec<u32> = mask.as_array().iter().map(|&x| x as u32).collect();
         let (h, e) = py
             .detach(|| -> crate::Result<_> {
                 let dev = &self.inner.device;
-                for row in ids.chunks(shape[1]) {
+                for row in ids.chunks(shape[1].max(1)) {
                     self.inner.check_ids(row, "input_ids")?;
                 }
                 let ids = candle_core::Tensor::from_vec(ids, (shape[0], shape[1]), dev)?;
