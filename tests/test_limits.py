@@ -14,6 +14,15 @@ from gguf_util import write_llama_gguf
 LLAMA = DATA / "llama-tiny"
 
 
+def with_u32(data: bytes, key: str, value: int) -> bytes:
+    """A GGUF file's bytes with the u32 metadata value of `key` replaced (the key found with its length prefix,
+    so no longer key that starts with it matches; then its type, then the value)."""
+    k = len(key).to_bytes(8, "little") + key.encode()
+    at = data.index(k) + len(k)
+    assert data[at:at + 4] == (4).to_bytes(4, "little"), "a u32 value"  # GGUF type 4 = uint32
+    return data[:at + 4] + value.to_bytes(4, "little") + data[at + 8:]
+
+
 def edited_config(tmp_path, **fields):
     out = tmp_path / "edited"
     shutil.copytree(LLAMA, out)
@@ -38,11 +47,7 @@ def test_more_layers_than_the_checkpoint_has_is_a_clean_error(tmp_path):
 
 def test_absurd_gguf_block_count_is_refused_by_name(tmp_path):
     path = write_llama_gguf(LLAMA, tmp_path / "m.gguf")
-    data = path.read_bytes()
-    key = b"llama.block_count"
-    at = data.index(key) + len(key) + 4  # then the value's type (u32) and the value
-    bad = data[:at] + (4_000_000_000).to_bytes(4, "little") + data[at + 4:]
-    (tmp_path / "bad.gguf").write_bytes(bad)
+    (tmp_path / "bad.gguf").write_bytes(with_u32(path.read_bytes(), "llama.block_count", 4_000_000_000))
     with pytest.raises(cw.ModelLoadError, match="num_hidden_layers = 4000000000 is out of range"):
         cw.load(tmp_path / "bad.gguf")
 
@@ -75,3 +80,13 @@ def test_encoder_inputs_are_checked(ids, mask, name):
     m = cw.load(minilm_path())
     with pytest.raises(cw.InvalidArgument, match=name):
         m._native.embed_ids(ids.astype(np.int64), mask.astype(np.int64))
+
+
+@pytest.mark.parametrize("key, value, name", [("llama.attention.head_count", 0, "head_count: must be positive"),
+                                              ("llama.embedding_length", 0, "hidden_size = 0 is out of range")])
+def test_zero_sizes_in_gguf_are_refused_by_name(tmp_path, key, value, name):
+    """(head_count 0 was a division by zero, raised as a bare PanicException)"""
+    path = write_llama_gguf(LLAMA, tmp_path / "m.gguf")
+    (tmp_path / "bad.gguf").write_bytes(with_u32(path.read_bytes(), key, value))
+    with pytest.raises(cw.ModelLoadError, match=name):
+        cw.load(tmp_path / "bad.gguf")
