@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -24,6 +25,21 @@ def data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def vectors() -> list[dict]:
     return json.loads((DATA / "tokenizer-vectors.json").read_text())["rows"]
+
+
+def copy_checkpoint(src: pathlib.Path, dst: pathlib.Path, config_edit=None, weight_edit=None) -> pathlib.Path:
+    """A copy of checkpoint folder `src` at `dst`, its config.json dict passed through `config_edit` (which edits it in
+    place) and its model.safetensors tensors through `weight_edit` (which returns the new dict)."""
+    shutil.copytree(src, dst)
+    if config_edit:
+        cfg = json.loads((dst / "config.json").read_text())
+        config_edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if weight_edit:
+        from safetensors.numpy import load_file, save_file
+
+        save_file(weight_edit(load_file(dst / "model.safetensors")), dst / "model.safetensors")
+    return dst
 
 
 def prompts(z):

@@ -7,13 +7,12 @@ chunk by chunk through the KV cache equal to one full pass."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 import candlewick as cw
-from conftest import DATA, prompts
+from conftest import DATA, copy_checkpoint, prompts
 
 ARCHS = ["qwen3-tiny", "gemma3-tiny", "phi3-tiny", "llama3-rope-tiny", "mistral-sw-tiny", "smollm3-tiny",
          "gptneox-tiny"]
@@ -72,16 +71,14 @@ def test_cached_chunks_equal_full_pass(fixture):
 
 def edited(tmp_path, name, **changes):
     """A copy of fixture `name` with config.json fields changed (None deletes a field)."""
-    out = tmp_path / name
-    shutil.copytree(DATA / name, out)
-    cfg = json.loads((out / "config.json").read_text())
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    def edit(cfg):
+        for k, v in changes.items():
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+
+    return copy_checkpoint(DATA / name, tmp_path / name, edit)
 
 
 @pytest.mark.parametrize("name,changes", [

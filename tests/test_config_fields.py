@@ -4,13 +4,12 @@ change the numbers as transformers does (checked against exact figures in test_a
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 import candlewick as cw
-from conftest import DATA
+from conftest import DATA, copy_checkpoint
 
 DECL = json.loads((DATA.parent.parent / "python" / "candlewick" / "architectures.json").read_text())
 FIXTURE_OF = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "mistral": "mistral-sw-tiny", "qwen2": "qwen2-tiny",
@@ -37,13 +36,12 @@ DELETE = object()
 
 def with_config(tmp_path, name, **changes):
     """A copy of fixture `name` with config.json fields changed (DELETE removes one)."""
-    out = tmp_path / name
-    shutil.copytree(DATA / name, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(changes)
-    cfg = {k: v for k, v in cfg.items() if v is not DELETE}
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    def edit(cfg):
+        cfg.update(changes)
+        for k in [k for k, v in cfg.items() if v is DELETE]:
+            del cfg[k]
+
+    return copy_checkpoint(DATA / name, tmp_path / name, edit)
 
 
 CASES = [(mt, f) for mt, fix in FIXTURE_OF.items() for f in DECL["neutral"]
@@ -163,7 +161,7 @@ def test_engine_and_reference_agree_on_edited_configs(tmp_path, name, changes):
     ids = [int(t) for t in z["prompt3_ids"]]
     try:
         want = reference.load(path).logits(ids)
-    except (NotImplementedError, ValueError) as e:
+    except (NotImplementedError, ValueError):
         with pytest.raises(cw.ModelLoadError):
             cw.load(path)
         return

@@ -1,15 +1,13 @@
 """GGUF copies of the new fixtures, written as llama.cpp's converter writes them, against the safetensors path."""
 from __future__ import annotations
 
-import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
 import candlewick as cw
-from conftest import DATA
+from conftest import DATA, copy_checkpoint
 from gguf_util import dequantized_checkpoint, write_decoder_gguf
 
 # Gemma 3 in GGUF follows llama.cpp: every 6th layer global (the 3-layer fixture's layer 2 is global in its
@@ -25,12 +23,7 @@ TWINS = {"gemma3-tiny": {"layer_types": ["sliding_attention"] * 3}, "mistral-sw-
 def safetensors_twin(tmp_path, name):
     if name not in TWINS:
         return DATA / name
-    out = tmp_path / f"{name}-as-gguf"
-    shutil.copytree(DATA / name, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(TWINS[name])
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return copy_checkpoint(DATA / name, tmp_path / f"{name}-as-gguf", lambda cfg: cfg.update(TWINS[name]))
 
 
 @pytest.mark.parametrize("name", ARCHS)

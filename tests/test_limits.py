@@ -1,14 +1,12 @@
 """Absurd sizes and request limits are refused by name before anything is allocated or run."""
 from __future__ import annotations
 
-import json
-import shutil
 
 import numpy as np
 import pytest
 
 import candlewick as cw
-from conftest import DATA, minilm_path
+from conftest import DATA, copy_checkpoint, minilm_path
 from gguf_util import write_llama_gguf
 
 LLAMA = DATA / "llama-tiny"
@@ -24,12 +22,7 @@ def with_u32(data: bytes, key: str, value: int) -> bytes:
 
 
 def edited_config(tmp_path, **fields):
-    out = tmp_path / "edited"
-    shutil.copytree(LLAMA, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(fields)
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return copy_checkpoint(LLAMA, tmp_path / "edited", lambda cfg: cfg.update(fields))
 
 
 @pytest.mark.parametrize("field, value", [("num_hidden_layers", 10**9), ("hidden_size", 10**12),

@@ -4,12 +4,12 @@ unknown rope types, rope keys and activations are refused by name; YaRN against 
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+
+from conftest import copy_checkpoint
 
 from candlewick.reference import functional as F
 from candlewick.reference import load
@@ -66,17 +66,6 @@ def config_only(src: Path, dst: Path, edit) -> Path:
     cfg = json.loads((src / "config.json").read_text())
     edit(cfg)
     (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-def copy_checkpoint(src: Path, dst: Path, config_edit=None, weight_edit=None) -> Path:
-    shutil.copytree(src, dst)
-    if config_edit:
-        cfg = json.loads((dst / "config.json").read_text())
-        config_edit(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if weight_edit:
-        save_file(weight_edit(load_file(dst / "model.safetensors")), dst / "model.safetensors")
     return dst
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import prompts
-from safetensors.numpy import load_file, save_file
+from conftest import copy_checkpoint, prompts
+from safetensors.numpy import load_file
 
 from candlewick.reference import load
 
@@ -77,18 +77,6 @@ def test_text_and_ids_give_the_same_nll():
 
 
 # --- checkpoint variants: both config styles, prefix or not, tied or untied heads -----------------------------------
-
-def copy_checkpoint(src: Path, dst: Path, config_edit=None, weight_edit=None) -> Path:
-    shutil.copytree(src, dst)
-    if config_edit:
-        cfg = json.loads((dst / "config.json").read_text())
-        config_edit(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if weight_edit:
-        w = load_file(dst / "model.safetensors")
-        save_file(weight_edit(w), dst / "model.safetensors")
-    return dst
-
 
 def old_style_rope(cfg):
     rp = cfg.pop("rope_parameters")
