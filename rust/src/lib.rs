@@ -2,7 +2,8 @@
 //!
 //! `kernels/` are the CPU kernels on slices; `nn/` the layers on tensors that hold weights and call them;
 //! `models/` the architectures wired from those layers; `model.rs` loads any of them from safetensors or GGUF;
-//! `generate.rs` and `sampling.rs` decode. docs/architecture.md has the whole map.
+//! `scheduler.rs` runs many requests as one flattened batch over a paged KV cache; `generate.rs` and
+//! `sampling.rs` decode. docs/architecture.md has the whole map.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
@@ -18,6 +19,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 

@@ -159,6 +159,32 @@ impl Model {
         })
     }
 
+    /// One step of a flattened batch over a paged KV pool (see Decoder::forward_paged): final hidden [M, C] of
+    /// `out_rows`.
+    pub fn forward_paged(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        slots: &[u32],
+        seqs: &[crate::nn::PagedSeq],
+        pool: &crate::nn::KvPool,
+        out_rows: &[u32],
+    ) -> Result<Tensor> {
+        on_workers(|| match &self.net {
+            Net::Decoder(m) => m.forward_paged(ids, positions, slots, seqs, pool, out_rows),
+            Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
+        })
+    }
+
+    /// Values per position and layer in a KV cache (Hkv·D), and the cache's dtype.
+    pub fn kv_width(&self) -> (usize, DType) {
+        let act = match &self.net {
+            Net::Decoder(m) => m.act_dtype(),
+            Net::Bert(_) => DType::F32,
+        };
+        (self.cfg.num_kv_heads * self.cfg.head_dim, act)
+    }
+
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         on_workers(|| match &self.net {
             Net::Decoder(m) => m.lm_head(hidden),

@@ -97,13 +97,15 @@ pub fn attention(
             // with a window, the block's first query sees nothing before kstart (and later ones less)
             let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
             let qp = &qd[(bh * tq + i0) * d..(bh * tq + i0 + rows) * d];
-            let kb = k0 + bi * ks[0] + g * ks[1] + kstart * ks[2];
-            let vb = v0 + bi * vs[0] + g * vs[1] + kstart * vs[2];
+            let kb = k0 + bi * ks[0] + g * ks[1];
+            let vb = v0 + bi * vs[0] + g * vs[1];
             // SAFETY: task t alone writes rows i0..i0+rows of head (bi, hi); bounds of k and v were checked above.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((bh * tq + i0) * d), rows * d) };
             let mrows = md.map(|m| &m[(bi * tq + i0) * tk + kstart..(bi * tq + i0 + rows) * tk]);
             let span = Span { kend: kend - kstart, causal_first: causal.then(|| off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
-            block(qp, rows, d, &kd[kb..], ks[2], &vd[vb..], vs[2], span, mrows, tk, scale, softcap.map(|c| c as f32), o);
+            let seg = [Seg { k: kb + kstart * ks[2], v: vb + vs[2] * kstart, len: kend - kstart }];
+            let kv = Kv { k: kd, k_rs: ks[2], v: vd, v_rs: vs[2], segs: &seg };
+            block(qp, d, rows, d, &kv, span, mrows, tk, scale, softcap.map(|c| c as f32), o, d);
         };
         let n_tasks = b * h * nblk;
         // Decoding (one query per head, short context) is too little work to share out.
@@ -116,6 +118,100 @@ pub fn attention(
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
+/// Causal attention of a flattened (ragged) batch over a paged KV pool, f32 on CPU: q [1, H, N, D], pools
+/// [S, Hkv·D] (slot = block · block_size + offset) -> [1, H, N, D]; None where this kernel does not apply. Each
+/// (sequence, head, block of 64 queries) is a task over the key runs of its blocks, as `attention` does for one
+/// contiguous run.
+#[allow(clippy::too_many_arguments)]
+pub fn paged(
+    q: &Tensor,
+    kpool: &Tensor,
+    vpool: &Tensor,
+    seqs: &[crate::nn::paged::PagedSeq],
+    block_size: usize,
+    hkv: usize,
+    scale: f64,
+    window: Option<usize>,
+    softcap: Option<f64>,
+) -> Result<Option<Tensor>> {
+    if ![q, kpool, vpool].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let (one, h, n, d) = q.dims4()?;
+    let (slots, width) = kpool.dims2()?;
+    if one != 1 || hkv == 0 || h % hkv != 0 || width != hkv * d || vpool.dims2()? != (slots, width) || block_size == 0 {
+        return Ok(None);
+    }
+    if !kpool.is_contiguous() || !vpool.is_contiguous() {
+        return Ok(None);
+    }
+    // every sequence's rows inside the batch, its context covered by its blocks, every block inside the pool
+    let nb = slots / block_size;
+    let fits = seqs.iter().all(|s| {
+        s.row0 + s.rows <= n
+            && s.rows <= s.ctx
+            && s.blocks.len() * block_size >= s.ctx
+            && s.blocks[..s.ctx.div_ceil(block_size)].iter().all(|&b| (b as usize) < nb)
+    });
+    if !fits {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let rep = h / hkv;
+    let scale = scale as f32;
+    let mut tasks = vec![];
+    for (si, s) in seqs.iter().enumerate() {
+        for hi in 0..h {
+            for i0 in (0..s.rows).step_by(QBLOCK) {
+                tasks.push((si, hi, i0));
+            }
+        }
+    }
+    let mut out = vec![0f32; h * n * d];
+    {
+        let (qg, ql) = q.storage_and_layout();
+        let (kg, kl) = kpool.storage_and_layout();
+        let (vg, vl) = vpool.storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else { return Ok(None) };
+        let qd = &qc.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + h * n * d];
+        let kd = &kc.as_slice::<f32>()?[kl.start_offset()..kl.start_offset() + slots * width];
+        let vd = &vc.as_slice::<f32>()?[vl.start_offset()..vl.start_offset() + slots * width];
+        let dst = SendPtr(out.as_mut_ptr());
+        let task = |&(si, hi, i0): &(usize, usize, usize)| {
+            let s = &seqs[si];
+            let g = hi / rep;
+            let rows = QBLOCK.min(s.rows - i0);
+            let off = s.ctx - s.rows; // query i sits at position off + i
+            let kend = off + i0 + rows;
+            let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
+            let mut segs = Vec::with_capacity((kend - kstart).div_ceil(block_size) + 1);
+            let mut j = kstart;
+            while j < kend {
+                let (blk, at) = (j / block_size, j % block_size);
+                let len = (block_size - at).min(kend - j);
+                let slot = s.blocks[blk] as usize * block_size + at;
+                segs.push(Seg { k: slot * width + g * d, v: slot * width + g * d, len });
+                j += len;
+            }
+            let row = hi * n + s.row0 + i0;
+            let qp = &qd[row * d..(row + rows) * d];
+            // SAFETY: task (sequence, head, i0) alone writes rows i0..i0+rows of that sequence's head hi, which
+            // lie inside `out` (row0 + rows <= N was checked above).
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(row * d), rows * d) };
+            let span = Span { kend: kend - kstart, causal_first: Some(off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
+            let kv = Kv { k: kd, k_rs: width, v: vd, v_rs: width, segs: &segs };
+            block(qp, d, rows, d, &kv, span, None, 0, scale, softcap.map(|c| c as f32), o, d);
+        };
+        let work: usize = seqs.iter().map(|s| s.rows * s.ctx).sum::<usize>() * d * h;
+        if tasks.len() > 1 && work >= 1 << 17 {
+            tasks.par_iter().for_each(task);
+        } else {
+            tasks.iter().for_each(task);
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (1, h, n, d), q.device())?))
+}
+
 /// Which keys (indices relative to the block's first key) the rows of a block see.
 struct Span {
     /// keys 0..kend exist for this block
@@ -126,51 +222,77 @@ struct Span {
     window_first: Option<(usize, usize)>,
 }
 
-/// One block of `rows` queries against its keys: o = softmax(q·kᵀ·scale [softcapped] [+ mask]) · v, each row
-/// seeing the keys `span` gives it.
+/// A run of consecutive keys (and their values) stored at one stride: offsets in elements of the first key and
+/// value, and how many.
+#[derive(Clone, Copy)]
+struct Seg {
+    k: usize,
+    v: usize,
+    len: usize,
+}
+
+/// The keys and values one block of queries sees, in order: runs of rows (each row D contiguous) in `k` and `v`,
+/// consecutive rows of a run `k_rs` / `v_rs` apart. A contiguous cache is one run; a paged one, a run per block.
+struct Kv<'a> {
+    k: &'a [f32],
+    k_rs: usize,
+    v: &'a [f32],
+    v_rs: usize,
+    segs: &'a [Seg],
+}
+
+/// One block of `rows` queries (rows `q_rs` apart) against its keys: o = softmax(q·kᵀ·scale [softcapped]
+/// [+ mask]) · v, each row seeing the keys `span` gives it; output rows `o_rs` apart.
 #[allow(clippy::too_many_arguments)]
 fn block(
     q: &[f32],
+    q_rs: usize,
     rows: usize,
     d: usize,
-    k: &[f32],
-    k_rs: usize,
-    v: &[f32],
-    v_rs: usize,
+    kv: &Kv,
     span: Span,
     mask: Option<&[f32]>,
     mask_rs: usize,
     scale: f32,
     softcap: Option<f32>,
     o: &mut [f32],
+    o_rs: usize,
 ) {
     let kend = span.kend;
+    debug_assert_eq!(kv.segs.iter().map(|s| s.len).sum::<usize>(), kend);
+    debug_assert!(q.len() >= (rows - 1) * q_rs + d && o.len() >= (rows - 1) * o_rs + d);
     let mut s = vec![0f32; rows * kend];
-    // S = scale · Q Kᵀ   [rows, kend]
-    // SAFETY: Q is [rows, d] row-major; Kᵀ is [d, kend] read at k[j·k_rs + c] (inside k: checked by the caller);
-    // S is [rows, kend] row-major.
-    unsafe {
-        gemm::gemm(
-            rows,
-            kend,
-            d,
-            s.as_mut_ptr(),
-            1,
-            kend as isize,
-            false,
-            q.as_ptr(),
-            1,
-            d as isize,
-            k.as_ptr(),
-            k_rs as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
+    // S = scale · Q Kᵀ   [rows, kend], a run of columns per segment
+    let mut col = 0;
+    for seg in kv.segs {
+        debug_assert!(seg.len == 0 || kv.k.len() >= seg.k + (seg.len - 1) * kv.k_rs + d);
+        // SAFETY: Q is [rows, d] read at q[r·q_rs + c] (inside q: checked by the caller); this run of Kᵀ is
+        // [d, len] read at k[seg.k + j·k_rs + c] (inside k: checked by the caller); S's columns col..col+len of
+        // rows kend apart.
+        unsafe {
+            gemm::gemm(
+                rows,
+                seg.len,
+                d,
+                s.as_mut_ptr().add(col),
+                1,
+                kend as isize,
+                false,
+                q.as_ptr(),
+                1,
+                q_rs as isize,
+                kv.k.as_ptr().add(seg.k),
+                kv.k_rs as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+        col += seg.len;
     }
     let mut inv = vec![0f32; rows];
     for (r, row) in s.chunks_exact_mut(kend).enumerate() {
@@ -188,33 +310,39 @@ fn block(
         hidden.fill(0.0);
         inv[r] = 1.0 / crate::kernels::act::exp_shifted_sum(vis);
     }
-    // O = P V   [rows, d]
-    // SAFETY: P is S; V is [kend, d] read at v[j·v_rs + c]; O is [rows, d] row-major.
-    unsafe {
-        gemm::gemm(
-            rows,
-            d,
-            kend,
-            o.as_mut_ptr(),
-            1,
-            d as isize,
-            false,
-            s.as_ptr(),
-            1,
-            kend as isize,
-            v.as_ptr(),
-            1,
-            v_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
+    // O = P V   [rows, d], summed over the segments
+    let mut col = 0;
+    for (i, seg) in kv.segs.iter().enumerate() {
+        debug_assert!(seg.len == 0 || kv.v.len() >= seg.v + (seg.len - 1) * kv.v_rs + d);
+        // SAFETY: this run of P is S's columns col..col+len; V's run is [len, d] read at v[seg.v + j·v_rs + c]
+        // (inside v: checked by the caller); O is [rows, d] at o[r·o_rs + c].
+        unsafe {
+            gemm::gemm(
+                rows,
+                d,
+                seg.len,
+                o.as_mut_ptr(),
+                1,
+                o_rs as isize,
+                i > 0,
+                s.as_ptr().add(col),
+                1,
+                kend as isize,
+                kv.v.as_ptr().add(seg.v),
+                1,
+                kv.v_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+        col += seg.len;
     }
-    for (row, &f) in o.chunks_exact_mut(d).zip(&inv) {
-        row.iter_mut().for_each(|x| *x *= f);
+    for (r, &f) in inv.iter().enumerate() {
+        o[r * o_rs..r * o_rs + d].iter_mut().for_each(|x| *x *= f);
     }
 }
 

@@ -18,7 +18,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::{last_rows, merge_heads, split_heads};
-use crate::nn::{embed, Cache, Linear, Norm};
+use crate::nn::{embed, Cache, KvPool, Linear, Norm, PagedSeq};
 use crate::config::{activation, Act, Config, Residual};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
@@ -392,6 +392,109 @@ impl Decoder {
         blk.down.forward(&g)
     }
 
+    /// The rest of a block once attention has given y [B, T, H·D]: output projection, MLP and the residual
+    /// wiring of this architecture.
+    fn finish_block(&self, blk: &Block, x: Tensor, y: &Tensor) -> Result<Tensor> {
+        let a = blk.o.forward(y)?;
+        Ok(match self.cfg.residual {
+            Residual::Sequential => {
+                let x = (x + a)?;
+                let m = self.mlp(blk, &blk.ffn_norm.forward(&x)?)?;
+                (x + m)?
+            }
+            Residual::Parallel => {
+                let m = self.mlp(blk, &blk.ffn_norm.forward(&x)?)?;
+                ((x + a)? + m)?
+            }
+            Residual::Sandwich => {
+                let post = blk.post_attn_norm.as_ref().expect("sandwich blocks have it");
+                let x = (x + post.forward(&a)?)?;
+                let m = self.mlp(blk, &blk.ffn_norm.forward(&x)?)?;
+                let post = blk.post_ffn_norm.as_ref().expect("sandwich blocks have it");
+                (x + post.forward(&m)?)?
+            }
+        })
+    }
+
+    /// A flattened (ragged) batch of N tokens from many sequences: ids and positions [N], the keys and values of
+    /// the sequences' earlier positions in `pool`, and the pool slots this step's keys and values go to [N].
+    /// Returns the final hidden states [M, C] of the rows `out_rows` (those whose next token is wanted).
+    ///
+    /// Every projection, norm and MLP works on the N rows as one matrix; attention goes sequence by sequence over
+    /// the pool (nn::paged). The last block runs attention and MLP for `out_rows` only.
+    pub fn forward_paged(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        slots: &[u32],
+        seqs: &[PagedSeq],
+        pool: &KvPool,
+        out_rows: &[u32],
+    ) -> Result<Tensor> {
+        let n = ids.len();
+        let (h, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let dev = self.embed_tokens.device();
+        let half = self.cfg.rotary_dim / 2;
+        let pos = Tensor::new(positions, dev)?;
+        let tables = self
+            .ropes
+            .iter()
+            .map(|(cos, sin)| Ok((cos.index_select(&pos, 0)?.reshape((1, n, half))?, sin.index_select(&pos, 0)?.reshape((1, n, half))?)))
+            .collect::<Result<Vec<_>>>()?;
+        let ids_t = Tensor::new(ids, dev)?.unsqueeze(0)?;
+        let mut x = embed(&self.embed_tokens, &ids_t)?; // [1, N, C]
+        if let Some(wpe) = &self.embed_positions {
+            x = (x + embed(wpe, &pos.unsqueeze(0)?)?)?;
+        }
+        // the last block's queries: one row (the last) of each sequence that wants its next token
+        let wanted: std::collections::HashSet<u32> = out_rows.iter().copied().collect();
+        let last_seqs: Vec<PagedSeq> = seqs
+            .iter()
+            .map(|s| {
+                let last = (s.row0 + s.rows - 1) as u32;
+                PagedSeq { rows: usize::from(s.rows > 0 && wanted.contains(&last)), ..*s }
+            })
+            .scan(0, |row, s| {
+                let out = PagedSeq { row0: *row, ..s };
+                *row += s.rows;
+                Some(out)
+            })
+            .collect();
+        let last_idx = Tensor::new(out_rows, dev)?;
+        for (i, blk) in self.layers.iter().enumerate() {
+            let last = i + 1 == self.layers.len();
+            let hn = blk.attn_norm.forward(&x)?;
+            let qkv = blk.qkv.forward(&hn)?; // [1, N, (H + 2·Hkv)·D]
+            let mut q = qkv.narrow(2, 0, h * d)?.reshape((1, n, h, d))?;
+            let mut k = qkv.narrow(2, h * d, hkv * d)?.reshape((1, n, hkv, d))?;
+            let v = qkv.narrow(2, (h + hkv) * d, hkv * d)?.reshape((n, hkv * d))?;
+            if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+            let mut q = q.transpose(1, 2)?.contiguous()?; // [1, H, N, D]
+            if let Some(r) = blk.rope {
+                let (cos, sin) = &tables[r];
+                q = self.rope(&q, cos, sin)?;
+                k = self.rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?.transpose(1, 2)?;
+            }
+            pool.write(i, slots, &k.reshape((n, hkv * d))?, &v)?;
+            if last && out_rows.is_empty() {
+                return Ok(Tensor::zeros((0, self.cfg.hidden_size), x.dtype(), dev)?); // a step of prompt chunks only
+            }
+            let (pk, pv) = pool.layer(i);
+            let scale = self.cfg.attn_scale / if self.cfg.attn_scale_by_layer { (i + 1) as f64 } else { 1.0 };
+            let bs = pool.block_size;
+            let (q, att_seqs) = if last { (q.contiguous()?.index_select(&last_idx, 2)?, &last_seqs[..]) } else { (q, seqs) };
+            let y = crate::nn::paged::attention(&q, pk, pv, att_seqs, bs, hkv, scale, blk.window, self.cfg.attn_softcap)?;
+            if last {
+                x = x.contiguous()?.index_select(&last_idx, 1)?;
+            }
+            x = self.finish_block(blk, x, &merge_heads(&y)?)?;
+        }
+        Ok(self.norm.forward(&x)?.squeeze(0)?)
+    }
+
     /// ids [B, T], positions [B, T] -> final hidden states [B, T, C]. `mask` (additive, [B, 1, T, Tcache+T])
     /// replaces the causal mask when given (ragged batches); `cache` receives this step's keys and values.
     /// `last_only`: only the last position's hidden state is wanted ([B, 1, C]), so the last block computes its
@@ -443,25 +546,7 @@ impl Decoder {
             if last {
                 x = x.narrow(1, t - 1, 1)?;
             }
-            let a = blk.o.forward(&merge_heads(&y)?)?;
-            x = match self.cfg.residual {
-                Residual::Sequential => {
-                    let x = (x + a)?;
-                    let m = self.mlp(blk, &blk.ffn_norm.forward(&x)?)?;
-                    (x + m)?
-                }
-                Residual::Parallel => {
-                    let m = self.mlp(blk, &blk.ffn_norm.forward(&x)?)?;
-                    ((x + a)? + m)?
-                }
-                Residual::Sandwich => {
-                    let post = blk.post_attn_norm.as_ref().expect("sandwich blocks have it");
-                    let x = (x + post.forward(&a)?)?;
-                    let m = self.mlp(blk, &blk.ffn_norm.forward(&x)?)?;
-                    let post = blk.post_ffn_norm.as_ref().expect("sandwich blocks have it");
-                    (x + post.forward(&m)?)?
-                }
-            };
+            x = self.finish_block(blk, x, &merge_heads(&y)?)?;
             if let Some(out) = layers_out.as_deref_mut() {
                 out.push(x.clone());
             }

@@ -132,17 +132,31 @@ fn completion_to_py<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py,
 
 impl PyModel {
     /// Generate for each prompt (token ids); returns one dict per prompt: prompt_token_ids and choices.
+    /// `params`: a dict for every prompt, or a list of dicts, one per prompt.
     pub(crate) fn generate_impl<'py>(
         &self,
         py: Python<'py>,
         prompts: Vec<Vec<u32>>,
-        params: &Bound<'py, PyDict>,
+        params: &Bound<'py, PyAny>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let params = params_from(params)?;
+        let each: Vec<GenParams> = if let Ok(d) = params.cast::<PyDict>() {
+            let p = params_from(d)?;
+            vec![p; prompts.len()]
+        } else {
+            let list = params.cast::<PyList>().map_err(|e| arg_err("params", e.into(), py))?;
+            if list.len() != prompts.len() {
+                return Err(super::errors::to_py(Error::arg(format!(
+                    "{} parameter sets for {} prompts: give one per prompt",
+                    list.len(),
+                    prompts.len()
+                ))));
+            }
+            list.iter().map(|d| params_from(&d.cast_into::<PyDict>().map_err(|e| arg_err("params", e.into(), py))?)).collect::<PyResult<_>>()?
+        };
         let model = self.inner.clone();
         let out = py
             .detach(|| {
-                let gen = Generation::new(model, prompts, params)?;
+                let gen = Generation::new_each(model, prompts.into_iter().zip(each).collect())?;
                 // Between steps, let Python run its signal handlers: Ctrl-C interrupts a long generation.
                 gen.run(|| Python::attach(|py| py.check_signals()).map_err(|_| Error::Interrupted))
             })

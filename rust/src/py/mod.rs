@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod bench;
+mod engine;
 mod errors;
 mod generate;
 mod model;
@@ -17,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<tokenizer::PyIncrementalDecoder>()?;
     m.add_class::<model::PyModel>()?;
+    m.add_class::<engine::PyEngine>()?;
     ops::register(m)?;
     generate::register(m)?;
     bench::register(m)?;

@@ -69,12 +69,13 @@ impl PyModel {
         self.inner.tokenizer.as_ref().map(|t| PyTokenizer { inner: t.clone() })
     }
 
-    /// Generate for each prompt (token ids): one dict per prompt with prompt_token_ids and choices.
+    /// Generate for each prompt (token ids): one dict per prompt with prompt_token_ids and choices. `params`:
+    /// one dict for all prompts, or a list of one per prompt.
     fn generate<'py>(
         &self,
         py: Python<'py>,
         prompts: Vec<Vec<u32>>,
-        params: &Bound<'py, PyDict>,
+        params: &Bound<'py, PyAny>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.generate_impl(py, prompts, params)
     }
