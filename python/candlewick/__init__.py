@@ -14,7 +14,7 @@ from .errors import CandlewickError, DeviceError, InvalidArgument, ModelLoadErro
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
     from . import ops as ops
-    from .model import Choice, Completion, Model, TextStream, TokenLogprob, Usage, load
+    from .model import Choice, Completion, Model, SamplingParams, TextStream, TokenLogprob, Usage, load
     from .tokenizer import Tokenizer
 
     __version__: str
@@ -28,6 +28,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Choice": (".model", "Choice"),
     "TokenLogprob": (".model", "TokenLogprob"),
     "Usage": (".model", "Usage"),
+    "SamplingParams": (".model", "SamplingParams"),
     "Tokenizer": (".tokenizer", "Tokenizer"),
     "ops": (".ops", None),
     "__version__": ("._native", "__version__"),
@@ -57,6 +58,7 @@ __all__ = [
     "Choice",
     "TokenLogprob",
     "Usage",
+    "SamplingParams",
     "Tokenizer",
     "CandlewickError",
     "ModelLoadError",

@@ -273,7 +273,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--workers must be >= 1, got {args.workers}")
     model = _load(args)
     model_id = args.model_id or _model_name(args.model)
-    app = create_app(model, model_id, api_key=args.api_key, workers=args.workers, max_active=args.max_active)
+    if args.max_active < 1 or args.max_queue < 0 or args.max_batch_tokens < 1:
+        raise InvalidArgument("--max-active and --max-batch-tokens must be >= 1 and --max-queue >= 0")
+    app = create_app(model, model_id, api_key=args.api_key, workers=args.workers, max_active=args.max_active,
+                     max_queue=args.max_queue, kv_cache_tokens=_kv_tokens(args.kv_cache, model),
+                     max_batch_tokens=args.max_batch_tokens)
     # Bind first, so that a busy port is a clear error and --port 0 can report the port it got.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -288,6 +292,29 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     print(f"candlewick: serving {model_id} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
     server.run(sockets=[sock])
+
+
+_SIZE_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _kv_tokens(spec: str | None, model) -> int | None:
+    """--kv-cache as positions: a count ("32768") or a size ("2GiB", "512MB") divided by what a position takes."""
+    if spec is None:
+        return None
+    s = spec.strip().upper()
+    for unit, scale in sorted(_SIZE_UNITS.items(), key=lambda u: -len(u[0])):
+        if s.endswith(unit):
+            try:
+                size = float(s[: -len(unit)]) * scale
+            except ValueError:
+                break
+            c = model.config
+            per = c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2 * (4 if c["device"] == "cpu" or c["dtype"] == "float32" else 2)
+            return max(int(size // per), 0)
+    else:
+        if s.isdigit():
+            return int(s)
+    raise InvalidArgument(f"--kv-cache {spec!r}: give a number of positions (32768) or a size (2GiB, 512MB)")
 
 
 # -- bench ------------------------------------------------------------------------------------------------------
@@ -552,9 +579,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="the model's name in the API (default: the folder name or hub id)")
     p.add_argument("--api-key", default=os.environ.get("CANDLEWICK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $CANDLEWICK_API_KEY, or none)")
-    p.add_argument("--workers", type=int, default=4, help="threads running the engine (default: 4)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="threads tokenizing, rendering chat templates and embedding (default: 4)")
     p.add_argument("--max-active", type=int, default=64,
-                   help="requests served at once; later ones wait (default: 64)")
+                   help="sequences decoding together in one batch; later requests wait (default: 64)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting beyond --max-active; past that, 429 with Retry-After (default: 256)")
+    p.add_argument("--kv-cache", metavar="SIZE",
+                   help="KV cache: positions (32768) or bytes (2GiB); default a quarter of the free memory")
+    p.add_argument("--max-batch-tokens", type=int, default=512,
+                   help="tokens per step: decoding first, then prompt chunks (default: 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
 

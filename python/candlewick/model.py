@@ -89,6 +89,29 @@ def _is_batch(x: Any) -> bool:
     )
 
 
+@dataclass
+class SamplingParams:
+    """The generation parameters of one request, as `Model.generate` takes them as keywords (see there)."""
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    stop: str | Sequence[str] | None = None
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
 class Model:
     """A loaded checkpoint. Create one with `candlewick.load`."""
 
@@ -151,8 +174,13 @@ class Model:
         seed: int | None = None,
         n: int = 1,
         logprobs: int | None = None,
+        sampling_params: "SamplingParams | Sequence[SamplingParams] | None" = None,
     ) -> Completion | list[Completion]:
         """Continue `prompt` (text or token ids). A list of prompts runs as one batch and returns a list.
+
+        `sampling_params` (as vLLM's LLM.generate takes them): one `SamplingParams` for every prompt, or a list with
+        one per prompt; it replaces the keyword parameters. All prompts run on one scheduler: they decode together
+        in one batch, each with its own parameters.
 
         temperature 0 is greedy; processors apply in the order penalties, logit_bias, temperature, top_k, top_p,
         min_p (see candlewick.reference.generate). The same seed gives the same tokens alone, batched or streamed."""
@@ -167,7 +195,16 @@ class Model:
         )
         prompts = list(prompt) if batch else [prompt]
         ids = [self._prompt_ids(p, f"prompt {i}" if batch else "prompt") for i, p in enumerate(prompts)]
-        out = [Completion._from_native(d) for d in self._native.generate(ids, params)]
+        native_params: Any = params
+        if sampling_params is not None:
+            if isinstance(sampling_params, SamplingParams):
+                native_params = sampling_params.as_dict()
+            else:
+                native_params = [sp.as_dict() for sp in sampling_params]
+                if len(native_params) != len(ids):
+                    raise InvalidArgument(f"sampling_params: {len(native_params)} for {len(ids)} prompts; give one "
+                                          "per prompt, or a single SamplingParams for all")
+        out = [Completion._from_native(d) for d in self._native.generate(ids, native_params)]
         return out if batch else out[0]
 
     def stream(self, prompt: str | Ids, **params: Any) -> TextStream:
@@ -251,7 +288,7 @@ class TextStream:
             pass
 
 
-_GENERATE_PARAMS = set(Model.generate.__kwdefaults__)
+_GENERATE_PARAMS = set(Model.generate.__kwdefaults__) - {"sampling_params"}
 
 
 def _check_params(params: Mapping[str, Any]) -> None:

@@ -1,10 +1,10 @@
 """The OpenAI-compatible HTTP API over one loaded model: /v1/completions, /v1/chat/completions, /v1/embeddings,
-/v1/models and /health.
+/v1/models, /tokenize, /detokenize, /metrics and /health.
 
-The engine is synchronous and releases the GIL, so its work runs in a small thread pool and the event loop stays
-free. A non-streamed request is one job; a stream is one job per text piece, so many streams advance side by
-side and a long one never keeps the others from starting. A client that leaves mid-stream closes its stream,
-which stops the generation and frees its place among the `max_active` requests served at once.
+Generation runs on the engine's scheduler (server/scheduler.py): every request joins one running batch at the
+next step, so many clients share each forward pass. Past `max_active` running and `max_queue` waiting requests,
+new ones get a 429. A client that leaves mid-stream aborts its request, which frees its sequence at the next step.
+Tokenization, chat templates and embeddings run in a small thread pool so the event loop stays free.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import json
 import secrets
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -23,21 +23,62 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from sse_starlette import EventSourceResponse
 
-from ..model import Completion, Model, TextStream
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from ..model import Completion, Model
 from .errors import APIError, as_api_error, install
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .metrics import Metrics
+from .scheduler import Scheduler, Submitted, completion, pieces
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
 
 
 class Engine:
-    """The model, the thread pool its work runs in, and the count of requests being served."""
+    """The model, its scheduler (decoders), the thread pool for the rest of the work, and the count of
+    embedding requests being served."""
 
-    def __init__(self, model: Model, workers: int = 4, max_active: int = 64):
+    def __init__(self, model: Model, workers: int = 4, max_active: int = 64, max_queue: int = 256,
+                 kv_cache_tokens: int | None = None, max_batch_tokens: int = 512):
         self.model = model
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="candlewick-worker")
         self.slots = asyncio.Semaphore(max_active)
-        self.active = 0  # requests holding a slot (streams until they end or their client leaves)
+        self.active = 0  # embedding requests holding a slot
         self.context_length: int = model.config["context_length"]
         self.is_encoder = model.config.get("model_type") == "bert"
+        self.metrics = Metrics()
+        self.scheduler: Scheduler | None = None
+        if not self.is_encoder:
+            self.scheduler = Scheduler(model, max_active=max_active, max_queue=max_queue,
+                                       kv_cache_tokens=kv_cache_tokens, max_batch_tokens=max_batch_tokens,
+                                       metrics=self.metrics)
+            self.metrics.watch(self.scheduler.stats)
+
+    @property
+    def in_flight(self) -> int:
+        return self.active + (self.scheduler.in_flight if self.scheduler else 0)
+
+    def submit(self, prompts: list[list[int]], params: dict) -> list[Submitted]:
+        """Queue one request per prompt; all or none (a 429 or a bad parameter aborts those queued already)."""
+        subs: list[Submitted] = []
+        try:
+            for i, p in enumerate(prompts):
+                subs.append(self.scheduler.submit(p, params, "prompt" if len(prompts) == 1 else f"prompt {i}"))
+        except BaseException as e:
+            for s in subs:
+                self.scheduler.abort(s)
+            if isinstance(e, APIError) and e.status == 429:
+                self.metrics.requests_rejected.inc()
+            raise
+        return subs
+
+    async def results(self, subs: list[Submitted]) -> list[Completion]:
+        """Every request's whole result; if the caller goes away (cancelled), they are aborted."""
+        try:
+            return list(await asyncio.gather(*(completion(s) for s in subs)))
+        except BaseException:
+            for s in subs:
+                self.scheduler.abort(s)
+            raise
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         """Run fn(*args) in the pool and wait for it without blocking the event loop."""
@@ -178,43 +219,22 @@ def _event(obj: Any) -> dict:
     return {"data": json.dumps(obj, ensure_ascii=False, separators=(",", ":"))}
 
 
-class _Job:
-    """A `TextStream` advanced one step at a time in the pool. Closing waits for the step in flight: the stream
-    must not be closed from one thread while another steps it."""
-
-    def __init__(self, engine: Engine, stream: TextStream):
-        self.engine, self.stream = engine, stream
-        self.step: Future | None = None
-        self.result: Completion | None = None
-
-    async def pieces(self) -> AsyncIterator[str]:
-        """The text pieces; self.result holds the completion once they are all out."""
-        while True:
-            self.step = self.engine.pool.submit(next, self.stream, None)
-            piece = await asyncio.wrap_future(self.step)
-            if piece is None:
-                break
-            if piece:
-                yield piece
-        self.result = self.stream.completion
-
-    def close(self) -> None:
-        if self.step is None:
-            self.stream.close()
-        else:  # now if the step is done, else in its worker thread right after it
-            self.step.add_done_callback(lambda _: self.stream.close())
-
-
 def create_app(model: Model, model_id: str, api_key: str | None = None, *, workers: int = 4,
-               max_active: int = 64) -> FastAPI:
+               max_active: int = 64, max_queue: int = 256, kv_cache_tokens: int | None = None,
+               max_batch_tokens: int = 512) -> FastAPI:
     """The FastAPI application serving `model` under the name `model_id`. With `api_key`, every /v1 request
-    must carry `Authorization: Bearer <api_key>`. `workers` threads run the engine; at most `max_active`
-    requests are served at once, the rest wait their turn."""
-    engine = Engine(model, workers=workers, max_active=max_active)
+    must carry `Authorization: Bearer <api_key>`. At most `max_active` sequences run in the batch and
+    `max_queue` more requests wait; past that a request gets a 429. `kv_cache_tokens` sizes the KV cache (default:
+    a quarter of the free memory); `max_batch_tokens` is the per-step token budget; `workers` threads tokenize,
+    render chat templates and embed."""
+    engine = Engine(model, workers=workers, max_active=max_active, max_queue=max_queue,
+                    kv_cache_tokens=kv_cache_tokens, max_batch_tokens=max_batch_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        if engine.scheduler is not None:
+            engine.scheduler.close()
         engine.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="candlewick", version=_version(), lifespan=lifespan)
@@ -248,7 +268,33 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "active_requests": engine.active}
+        return {"status": "ok", "model": model_id, "active_requests": engine.in_flight}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def need_tokenizer() -> Any:
+        if model.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", param="content")
+        return model.tokenizer
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest) -> dict:
+        tok = need_tokenizer()
+        ids = await engine.run(functools.partial(tok.encode, body.content, add_special_tokens=body.add_special))
+        if not body.with_pieces:
+            return {"tokens": ids}
+        return {"tokens": [{"id": i, "piece": engine.token_text(i)[0]} for i in ids]}
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        tok = need_tokenizer()
+        vocab = model.config["vocab_size"]
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range for a vocabulary of {vocab}", param="tokens")
+        return {"content": await engine.run(functools.partial(tok.decode, body.tokens, skip_special_tokens=False))}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict:
@@ -279,35 +325,33 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
             return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
                     "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
-        release = await engine.acquire()
-        try:
-            prompts, texts = await engine.run(engine.encode_prompts, body.prompt)
-            echo = texts if body.echo else [""] * len(prompts)
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        prompts, texts = await engine.run(engine.encode_prompts, body.prompt)
+        echo = texts if body.echo else [""] * len(prompts)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        subs = engine.submit(prompts, params)
 
-            if body.stream and len(prompts) == 1 and body.n == 1 and body.logprobs is None and not body.echo:
-                job = _Job(engine, await engine.run(lambda: model.stream(prompts[0], **params)))
-                close = _closer(job, release)
+        if body.stream and len(prompts) == 1 and body.n == 1 and body.logprobs is None and not body.echo:
+            sub = subs[0]
 
-                async def events():
-                    try:
-                        async for piece in job.pieces():
-                            yield _event(chunk(0, piece, None))
-                        c = job.result
-                        yield _event(chunk(0, "", c.choices[0].finish_reason))
-                        if include_usage:
-                            yield _event(_usage_chunk(rid, "text_completion", now, model_id, c.usage))
-                    except Exception as e:  # the status is sent already: report the error as an event
-                        yield _event(as_api_error(e).body())
-                    yield {"data": "[DONE]"}
+            async def events():
+                try:
+                    generated = 0
+                    async for p in pieces(sub):
+                        generated += len(p.token_ids)
+                        if p.text:
+                            yield _event(chunk(0, p.text, None))
+                        if p.finish_reason is not None:
+                            yield _event(chunk(0, "", p.finish_reason))
+                    if include_usage:
+                        yield _event(_usage_chunk(rid, "text_completion", now, model_id,
+                                                  _Usage(len(sub.prompt_ids), generated)))
+                except Exception as e:  # the status is sent already: report the error as an event
+                    yield _event(as_api_error(e).body())
+                yield {"data": "[DONE]"}
 
-                return _Stream(events(), close)
+            return _Stream(events(), lambda: engine.scheduler.abort(sub))
 
-            results: list[Completion] = await engine.run(functools.partial(model.generate, prompts, **params))
-        except BaseException:
-            release()
-            raise
-        release()
+        results = await engine.results(subs)
 
         if body.stream:  # n > 1, logprobs or several prompts: generated whole, sent token by token
             async def replay():
@@ -367,33 +411,31 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
                     "system_fingerprint": None,
                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-        release = await engine.acquire()
-        try:
-            ids = await engine.run(engine.chat_ids, messages)
-            if body.stream and body.n == 1 and not body.logprobs:
-                job = _Job(engine, await engine.run(lambda: model.stream(ids, **params)))
-                close = _closer(job, release)
+        ids = await engine.run(engine.chat_ids, messages)
+        subs = engine.submit([ids], params)
+        if body.stream and body.n == 1 and not body.logprobs:
+            sub = subs[0]
 
-                async def events():
-                    try:
-                        yield _event(chunk(0, {"role": "assistant", "content": ""}, None))
-                        async for piece in job.pieces():
-                            yield _event(chunk(0, {"content": piece}, None))
-                        c = job.result
-                        yield _event(chunk(0, {}, c.choices[0].finish_reason))
-                        if include_usage:
-                            yield _event(_usage_chunk(rid, "chat.completion.chunk", now, model_id, c.usage))
-                    except Exception as e:
-                        yield _event(as_api_error(e).body())
-                    yield {"data": "[DONE]"}
+            async def events():
+                try:
+                    yield _event(chunk(0, {"role": "assistant", "content": ""}, None))
+                    generated = 0
+                    async for p in pieces(sub):
+                        generated += len(p.token_ids)
+                        if p.text:
+                            yield _event(chunk(0, {"content": p.text}, None))
+                        if p.finish_reason is not None:
+                            yield _event(chunk(0, {}, p.finish_reason))
+                    if include_usage:
+                        yield _event(_usage_chunk(rid, "chat.completion.chunk", now, model_id,
+                                                  _Usage(len(sub.prompt_ids), generated)))
+                except Exception as e:
+                    yield _event(as_api_error(e).body())
+                yield {"data": "[DONE]"}
 
-                return _Stream(events(), close)
+            return _Stream(events(), lambda: engine.scheduler.abort(sub))
 
-            result: Completion = await engine.run(functools.partial(model.generate, ids, **params))
-        except BaseException:
-            release()
-            raise
-        release()
+        result = (await engine.results(subs))[0]
 
         if body.stream:  # n > 1 or logprobs: generated whole, sent token by token
             async def replay():
@@ -455,13 +497,9 @@ def _embed(model: Model, texts: list[str]) -> tuple[np.ndarray, int]:
     return model.embed(texts), counts
 
 
-def _closer(job: _Job, release: Callable[[], None]) -> Callable[[], None]:
-    """Stop a stream's generation and give its slot back."""
-    def close() -> None:
-        job.close()
-        release()
-
-    return close
+class _Usage:
+    def __init__(self, prompt_tokens: int, completion_tokens: int):
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
 
 
 def _usage_chunk(rid: str, obj: str, created: int, model_id: str, usage) -> dict:

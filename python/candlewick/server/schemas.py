@@ -104,3 +104,15 @@ class EmbeddingRequest(_Body):
     input: Union[str, list[str], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Union[int, None] = Field(None, ge=1)
+
+
+class TokenizeRequest(BaseModel):
+    """llama-server's /tokenize."""
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """llama-server's /detokenize."""
+    tokens: list[int]
