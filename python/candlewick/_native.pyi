@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 
 __version__: str
 __all__ = [
+    "Engine",
     "__version__",
     "IncrementalDecoder", "Model", "Stream", "Tokenizer", "bench_decode", "bench_prefill", "ops_attention",
     "ops_cross_entropy", "ops_gelu", "ops_layer_norm", "ops_log_softmax", "ops_rms_norm", "ops_rope", "ops_silu",
@@ -110,10 +111,11 @@ def ops_rope(
 ) -> _F32: ...
 
 
+@final
 class Engine:
     """The scheduler: requests join one running batch at every step (see candlewick.server.scheduler)."""
-    def __init__(self, model: Model, kv_cache_tokens: int | None = None, max_batch_tokens: int = 512,
-                 max_seqs: int = 256) -> None: ...
+    def __new__(cls, model: Model, kv_cache_tokens: int | None = None, max_batch_tokens: int = 512,
+                max_seqs: int = 256) -> Engine: ...
     def add(self, prompt: list[int], params: dict[str, Any], what: str = "prompt") -> tuple[int, list[int]]: ...
     def abort(self, request: int) -> None: ...
     def step(self) -> list[tuple[int, int, str, list[int], list[tuple[int, float, list[tuple[int, float]]]], str | None, int, int]]: ...
