@@ -184,13 +184,18 @@ pub fn paged(
             let off = s.ctx - s.rows; // query i sits at position off + i
             let kend = off + i0 + rows;
             let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
-            let mut segs = Vec::with_capacity((kend - kstart).div_ceil(block_size) + 1);
+            let mut segs: Vec<Seg> = Vec::with_capacity((kend - kstart).div_ceil(block_size) + 1);
             let mut j = kstart;
             while j < kend {
                 let (blk, at) = (j / block_size, j % block_size);
                 let len = (block_size - at).min(kend - j);
                 let slot = s.blocks[blk] as usize * block_size + at;
-                segs.push(Seg { k: slot * width + g * d, v: slot * width + g * d, len });
+                let off = slot * width + g * d;
+                match segs.last_mut() {
+                    // blocks next to each other in the pool are one run
+                    Some(last) if last.k + last.len * width == off => last.len += len,
+                    _ => segs.push(Seg { k: off, v: off, len }),
+                }
                 j += len;
             }
             let row = hi * n + s.row0 + i0;

@@ -324,7 +324,14 @@ mod tests {
         let pool = KvPool::new(1, 40, bs, hkv * d, DType::F32, &dev).unwrap();
         let kv = Tensor::randn(0f32, 1.0, (40 * bs, hkv * d), &dev).unwrap();
         pool.write(0, &(0..160).collect::<Vec<u32>>(), &kv, &(kv.clone() * 0.5).unwrap()).unwrap();
-        let blocks: Vec<u32> = (0..40).map(|i| (i * 7) % 40).collect();
+        // blocks scrambled, and in pool order (consecutive blocks are read as one run)
+        for blocks in [(0..40).map(|i| (i * 7) % 40).collect::<Vec<u32>>(), (0..40).collect()] {
+            check_ragged(&pool, &blocks, h, hkv, d, bs);
+        }
+    }
+
+    fn check_ragged(pool: &KvPool, blocks: &[u32], h: usize, hkv: usize, d: usize, bs: usize) {
+        let dev = Device::Cpu;
         // (rows, ctx): a decode step, a prefill chunk after a cached prefix, a whole prompt, a long chunk
         let shape = [(1usize, 9usize), (5, 13), (3, 3), (70, 80)];
         let mut seqs = vec![];

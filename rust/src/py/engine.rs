@@ -12,6 +12,9 @@ use super::model::PyModel;
 use super::PyResultExt;
 use crate::scheduler::{Handle, Scheduler, SchedulerConfig};
 
+/// A token's logprob as Python gets it: (token, logprob, [(alternative, logprob), ...]).
+type LogprobRow = (u32, f64, Vec<(u32, f64)>);
+
 #[pyclass(name = "Engine", module = "candlewick._native", frozen)]
 pub struct PyEngine {
     handle: Arc<Handle>,
@@ -58,7 +61,7 @@ impl PyEngine {
         let deltas = py.detach(|| self.lock().step()).py()?;
         let out = PyList::empty(py);
         for d in deltas {
-            let lps: Vec<(u32, f64, Vec<(u32, f64)>)> = d.logprobs.into_iter().map(|l| (l.token, l.logprob, l.top)).collect();
+            let lps: Vec<LogprobRow> = d.logprobs.into_iter().map(|l| (l.token, l.logprob, l.top)).collect();
             out.append((d.request, d.choice, d.text, d.tokens, lps, d.finish.map(|f| f.as_str()), d.prompt_tokens, d.cached_tokens))?;
         }
         Ok(out)
