@@ -119,24 +119,23 @@ impl Generation {
         }
         let ctx = model.cfg.context_length();
         let bs = 16;
-        // checked up front so that an error names its prompt before anything runs
-        let mut checked = Vec::with_capacity(requests.len());
+        // a cache with room for every row (an empty prompt runs as BOS: one token); the requests are checked
+        // by `add`, before any step runs
         let mut blocks = 0;
         let mut longest = 0;
-        for (i, (p, params)) in requests.into_iter().enumerate() {
-            let what = if i == 0 { "prompt".to_string() } else { format!("prompt {i}") };
-            let (p, _) = crate::scheduler::prepare(&model, p, &params, &what)?;
-            let cap = params.max_new_tokens.min(ctx - p.len());
-            blocks += (p.len().div_ceil(bs) + 1) + params.n * (p.len() + cap + 1).div_ceil(bs);
-            longest = longest.max(p.len());
-            checked.push((p, params, what));
+        for (p, params) in &requests {
+            let len = p.len().max(1);
+            let cap = params.max_new_tokens.min(ctx.saturating_sub(len));
+            blocks += (len.div_ceil(bs) + 1) + params.n * (len + cap + 1).div_ceil(bs);
+            longest = longest.max(len);
         }
-        let rows: usize = checked.iter().map(|c| c.1.n).sum();
+        let rows: usize = requests.iter().map(|r| r.1.n).sum();
         let cfg = SchedulerConfig { block_size: bs, kv_tokens: blocks * bs, max_batch_tokens: (longest + rows).max(512), max_seqs: rows.max(1) };
         let sched = Scheduler::new(model, cfg)?;
         let handle = sched.handle();
         let mut g = Self { sched, ids: vec![], prompts: vec![], row0: vec![], choices: vec![], done: vec![], unstreamed: vec![], left: 0 };
-        for (p, params, what) in checked {
+        for (i, (p, params)) in requests.into_iter().enumerate() {
+            let what = if i == 0 { "prompt".to_string() } else { format!("prompt {i}") };
             let n = params.n;
             let lp = params.logprobs.is_some();
             let (id, p) = handle.add(p, params, &what)?;

@@ -447,31 +447,29 @@ impl Scheduler {
             }
             let mut budget = self.cfg.max_batch_tokens;
             let mut plan = vec![];
-            for i in 0..self.running.len() {
-                if budget > 0 && self.running[i].remaining() == 1 {
-                    let mut s = std::mem::replace(&mut self.running[i], placeholder());
+            // (taken out of self while the pool hands out blocks to its sequences)
+            let mut running = std::mem::take(&mut self.running);
+            for (i, s) in running.iter_mut().enumerate() {
+                if budget > 0 && s.remaining() == 1 {
                     let upto = s.computed + 1;
-                    let n = self.grow(&mut s, upto) - s.computed;
-                    self.running[i] = s;
-                    if n == 1 {
+                    if self.grow(s, upto) == upto {
                         plan.push((i, 1));
                         budget -= 1;
                     }
                 }
             }
             // prompt chunks: running sequences part-way through theirs, then new arrivals
-            for i in 0..self.running.len() {
-                if budget > 0 && self.running[i].remaining() > 1 {
-                    let mut s = std::mem::replace(&mut self.running[i], placeholder());
+            for (i, s) in running.iter_mut().enumerate() {
+                if budget > 0 && s.remaining() > 1 {
                     let upto = s.computed + s.remaining().min(budget);
-                    let n = self.grow(&mut s, upto) - s.computed;
-                    self.running[i] = s;
+                    let n = self.grow(s, upto) - s.computed;
                     if n > 0 {
                         plan.push((i, n));
                         budget -= n;
                     }
                 }
             }
+            self.running = running;
             while budget > 0 && self.running.len() < self.cfg.max_seqs {
                 let Some(mut s) = self.waiting.pop_front() else { break };
                 if s.blocks.is_empty() {
@@ -545,19 +543,25 @@ impl Scheduler {
         };
         self.counters.computed_tokens += total as u64;
         let mut forks = vec![];
-        for (pi, &(i, n)) in plan.iter().enumerate() {
-            let mut s = std::mem::replace(&mut self.running[i], placeholder());
-            s.computed += n;
-            self.register_full_blocks(&mut s);
-            if let Some(r) = logit_of[pi] {
-                if s.fork > 0 {
-                    forks.extend(self.fork(&mut s, &logits[r], &mut out)?);
+        // (taken out of self while they sample; put back before an error goes up, so no sequence is lost)
+        let mut running = std::mem::take(&mut self.running);
+        let sampled = (|| -> Result<()> {
+            for (pi, &(i, n)) in plan.iter().enumerate() {
+                let s = &mut running[i];
+                s.computed += n;
+                self.register_full_blocks(s);
+                if let Some(r) = logit_of[pi] {
+                    if s.fork > 0 {
+                        forks.extend(self.fork(s, &logits[r], &mut out)?);
+                    }
+                    self.sample(s, &logits[r])?;
+                    out.push(self.delta(s));
                 }
-                self.sample(&mut s, &logits[r])?;
-                out.push(self.delta(&mut s));
             }
-            self.running[i] = s;
-        }
+            Ok(())
+        })();
+        self.running = running;
+        sampled?;
         // finished sequences leave the batch and give their blocks back (full ones stay cached)
         let mut i = 0;
         while i < self.running.len() {
@@ -704,31 +708,5 @@ impl Scheduler {
             self.counters.finished += 1;
         }
         d
-    }
-}
-
-/// A stand-in while a sequence is taken out of `running` to be worked on.
-fn placeholder() -> Seq {
-    Seq {
-        request: u64::MAX,
-        choice: 0,
-        order: 0,
-        params: Arc::new(GenParams::default()),
-        stops: Arc::new(HashSet::new()),
-        seed: 0,
-        tokens: vec![],
-        prompt_len: 0,
-        cap: 0,
-        computed: 0,
-        blocks: vec![],
-        registered: 0,
-        fork: 0,
-        admitted: false,
-        cached_tokens: 0,
-        hist: History::default(),
-        rng: Rng::new(0, 0),
-        text: TextState::default(),
-        sent: 0,
-        pending_logprobs: vec![],
     }
 }

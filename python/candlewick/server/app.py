@@ -272,7 +272,9 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # off the event loop: the scheduler's gauges wait for the step in flight
+        body = await engine.run(generate_latest, engine.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def need_tokenizer() -> Any:
         if model.tokenizer is None:
