@@ -58,6 +58,24 @@ def test_request_limits(model, kw, name):
         model.generate("Hello", max_new_tokens=2, **kw)
 
 
+@pytest.mark.parametrize("kw, name", [
+    ({"stop": [f"s{i}" for i in range(65)]}, "stop: 65 strings, at most 64"),
+    ({"stop": ["x" * 1025]}, "stop: a string of 1025 bytes, at most 1024"),
+    ({"stop_token_ids": list(range(3)) * 342}, "stop_token_ids: 1026 ids, at most 1024"),
+    # counted before the ids are looked at
+    ({"logit_bias": {i: 0.0 for i in range(2049)}}, "logit_bias: 2049 entries, at most 2048"),
+])
+def test_stop_and_bias_limits(model, kw, name):
+    with pytest.raises(cw.InvalidArgument, match=name):
+        model.generate("Hello", max_new_tokens=2, **kw)
+
+
+def test_stop_and_bias_limits_themselves_are_accepted(model):
+    out = model.generate("Hello", max_new_tokens=2, stop=["x" * 1024] + [f"s{i}" for i in range(63)],
+                         stop_token_ids=[5] * 1024, logit_bias={i: 0.0 for i in range(1024)}, seed=0)
+    assert len(out.choices[0].token_ids) >= 1
+
+
 def test_limits_themselves_are_accepted(model):
     out = model.generate("Hello", max_new_tokens=2, n=128, logprobs=20, seed=0)
     assert len(out.choices) == 128 and len(out.choices[0].logprobs[0].top_logprobs) == 20

@@ -374,3 +374,41 @@ def test_server_imports_nothing_from_the_reference():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# -- request limits ---------------------------------------------------------------------------------------------
+
+def test_too_many_messages_or_stop_strings_are_400_naming_them(server):
+    body = {"model": "llama-tiny", "messages": [{"role": "user", "content": "hi"}] * 4097, "max_tokens": 1}
+    status, err = post_raw(server.url + "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and err["error"]["param"] == "messages", err
+    body = {"model": "llama-tiny", "prompt": "Hello", "max_tokens": 1, "stop": [f"s{i}" for i in range(65)]}
+    status, err = post_raw(server.url + "/v1/completions", json.dumps(body).encode())
+    assert status == 400 and "stop: 65 strings, at most 64" in err["error"]["message"], err
+
+
+def test_request_body_over_the_limit_is_413(llama):
+    s = Server(create_app(llama, "llama-tiny", api_key=KEY, max_body_bytes=2000))
+    try:
+        small = {"model": "llama-tiny", "prompt": "Hello", "max_tokens": 1}
+        assert post_raw(s.url + "/v1/completions", json.dumps(small).encode())[0] == 200
+        big = json.dumps(small | {"prompt": "Hello " * 500}).encode()
+        status, err = post_raw(s.url + "/v1/completions", big)
+        assert status == 413 and err["error"]["code"] == "request_too_large", err
+        # the same body without a Content-Length (chunked) is cut off once it passes the limit
+        import http.client
+        conn = http.client.HTTPConnection(s.url.removeprefix("http://"), timeout=10)
+        conn.putrequest("POST", "/v1/completions")
+        for k, v in {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}",
+                     "Transfer-Encoding": "chunked"}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        for i in range(0, len(big), 500):
+            piece = big[i:i + 500]
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.send(b"0\r\n\r\n")
+        r = conn.getresponse()
+        assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+        assert get(s.url + "/health")[0] == 200
+    finally:
+        s.stop()

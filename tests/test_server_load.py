@@ -93,10 +93,14 @@ def test_64_clients_a_quarter_leave(llama):
         server.stop()
 
 
-def test_full_queue_is_429(llama):
+def test_full_queue_is_429():
     """With one request allowed in flight, a second one while the first streams gets a 429 with Retry-After in
-    OpenAI's error shape (the openai client raises RateLimitError), and the rejection is counted."""
-    server = Server(create_app(llama, "llama-tiny", api_key=KEY, max_active=1, max_queue=0))
+    OpenAI's error shape (the openai client raises RateLimitError), and the rejection is counted. The first
+    request asks for 4000 tokens from SmolLM2 (an 8k context): it is still generating when the others come (a
+    model with a short context would finish before them), and the client's hang-up aborts it."""
+    from candlewick.default_model import smollm2_path
+
+    server = Server(create_app(cw.load(smollm2_path()), "llama-tiny", api_key=KEY, max_active=1, max_queue=0))
     try:
         def while_busy(check):
             """Run `check` while a long streamed completion is in flight (its first piece seen, not its end)."""
@@ -104,7 +108,7 @@ def test_full_queue_is_429(llama):
 
             def hold():
                 with httpx.Client(timeout=60) as h:
-                    body = {"model": "llama-tiny", "prompt": "Once", "stream": True, "max_tokens": 250,
+                    body = {"model": "llama-tiny", "prompt": "Once", "stream": True, "max_tokens": 4000,
                             "ignore_eos": True}
                     with h.stream("POST", server.url + "/v1/completions", json=body,
                                   headers={"Authorization": f"Bearer {KEY}"}) as r:

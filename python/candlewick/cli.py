@@ -277,7 +277,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise InvalidArgument("--max-active and --max-batch-tokens must be >= 1 and --max-queue >= 0")
     app = create_app(model, model_id, api_key=args.api_key, workers=args.workers, max_active=args.max_active,
                      max_queue=args.max_queue, kv_cache_tokens=_kv_tokens(args.kv_cache, model),
-                     max_batch_tokens=args.max_batch_tokens)
+                     max_batch_tokens=args.max_batch_tokens, max_body_bytes=_bytes(args.max_body, "--max-body"))
     # Bind first, so that a busy port is a clear error and --port 0 can report the port it got.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -295,6 +295,21 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 _SIZE_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _bytes(spec: str, flag: str) -> int:
+    """A size on the command line: a count of bytes ("1048576") or with a unit ("32MiB", "1GB")."""
+    s = spec.strip().upper()
+    for unit, scale in sorted(_SIZE_UNITS.items(), key=lambda u: -len(u[0])):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * scale)
+            except ValueError:
+                break
+    else:
+        if s.isdigit():
+            return int(s)
+    raise InvalidArgument(f"{flag} {spec!r}: give a number of bytes (1048576) or a size (32MiB, 1GB)")
 
 
 def _kv_tokens(spec: str | None, model) -> int | None:
@@ -589,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache: positions (32768) or bytes (2GiB); default a quarter of the free memory")
     p.add_argument("--max-batch-tokens", type=int, default=512,
                    help="tokens per step: decoding first, then prompt chunks (default: 512)")
+    p.add_argument("--max-body", metavar="SIZE", default="32MiB",
+                   help="largest request body taken; a larger one gets a 413 (default: 32MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
 

@@ -200,6 +200,15 @@ impl Handle {
 }
 
 /// A request's prompt and stop ids, checked against the model.
+/// Stop strings per request, at most (OpenAI takes 4; agents send more).
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Bytes per stop string, at most.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Stop token ids per request, at most.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+/// logit_bias entries per request, at most (OpenAI documents 300; vLLM and llama.cpp set none).
+pub const MAX_LOGIT_BIAS: usize = 2048;
+
 pub(crate) fn prepare(model: &Model, prompt: Vec<u32>, params: &GenParams, what: &str) -> Result<(Vec<u32>, HashSet<u32>)> {
     let cfg = &model.cfg;
     if !model.is_decoder() {
@@ -208,12 +217,27 @@ pub(crate) fn prepare(model: &Model, prompt: Vec<u32>, params: &GenParams, what:
     if params.n < 1 {
         return Err(Error::arg(format!("n must be >= 1, got {}", params.n)));
     }
+    if params.sampling.logit_bias.len() > MAX_LOGIT_BIAS {
+        return Err(Error::arg(format!("logit_bias: {} entries, at most {MAX_LOGIT_BIAS} are taken", params.sampling.logit_bias.len())));
+    }
     params.sampling.validate(cfg.vocab_size)?;
     if let Some(bad) = params.stop_token_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
         return Err(Error::arg(format!("stop_token_ids: {bad} is outside the vocabulary of {}", cfg.vocab_size)));
     }
     if params.stop.iter().any(String::is_empty) {
         return Err(Error::arg("stop strings must not be empty"));
+    }
+    if params.stop.len() > MAX_STOP_STRINGS {
+        return Err(Error::arg(format!("stop: {} strings, at most {MAX_STOP_STRINGS} are taken", params.stop.len())));
+    }
+    if let Some(s) = params.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(Error::arg(format!("stop: a string of {} bytes, at most {MAX_STOP_BYTES} are taken", s.len())));
+    }
+    if params.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(Error::arg(format!("stop_token_ids: {} ids, at most {MAX_STOP_TOKEN_IDS} are taken", params.stop_token_ids.len())));
+    }
+    if let Some(l) = params.logprobs.filter(|&l| l > cfg.vocab_size) {
+        return Err(Error::arg(format!("logprobs: {l} alternatives asked for from a vocabulary of {}", cfg.vocab_size)));
     }
     let tok = model.tokenizer.as_ref();
     if !params.stop.is_empty() && tok.is_none() {

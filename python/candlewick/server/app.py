@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from ..model import Completion, Model
-from .errors import APIError, as_api_error, install
+from .errors import APIError, BodyLimit, as_api_error, install
 from .metrics import Metrics
 from .scheduler import Scheduler, Submitted, completion, pieces
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
@@ -221,12 +221,12 @@ def _event(obj: Any) -> dict:
 
 def create_app(model: Model, model_id: str, api_key: str | None = None, *, workers: int = 4,
                max_active: int = 64, max_queue: int = 256, kv_cache_tokens: int | None = None,
-               max_batch_tokens: int = 512) -> FastAPI:
+               max_batch_tokens: int = 512, max_body_bytes: int = 32 << 20) -> FastAPI:
     """The FastAPI application serving `model` under the name `model_id`. With `api_key`, every /v1 request
     must carry `Authorization: Bearer <api_key>`. At most `max_active` sequences run in the batch and
     `max_queue` more requests wait; past that a request gets a 429. `kv_cache_tokens` sizes the KV cache (default:
     a quarter of the free memory); `max_batch_tokens` is the per-step token budget; `workers` threads tokenize,
-    render chat templates and embed."""
+    render chat templates and embed. A request body over `max_body_bytes` gets a 413."""
     engine = Engine(model, workers=workers, max_active=max_active, max_queue=max_queue,
                     kv_cache_tokens=kv_cache_tokens, max_batch_tokens=max_batch_tokens)
 
@@ -241,6 +241,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
     app.state.engine = engine
     app.state.model_id = model_id
     install(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     created = _now()
 
     async def authorize(request: Request) -> None:

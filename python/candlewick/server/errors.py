@@ -96,3 +96,46 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         return as_api_error(exc).response()
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets a 413 in OpenAI's error shape, told by its
+    Content-Length before any of it is read; a chunked upload is read here and refused as soon as the bytes read
+    pass the limit (the server behind reads the Content-Length it is given, within the limit, as uvicorn
+    delivers it)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server takes ({self.max_bytes} bytes; "
+                             "see `candlewick serve --max-body`)", code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._error().response()(scope, receive, send)
+        if length is not None:
+            return await self.app(scope, receive, send)
+        # no Content-Length (a chunked upload): read it here, up to the limit, and hand it on whole
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._error().response()(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -59,6 +59,9 @@ class _Sampling(_Body):
         )
 
 
+# Messages per chat request, at most.
+MAX_MESSAGES = 4096
+
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
@@ -90,7 +93,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Union[int, None] = Field(None, ge=1)
     max_completion_tokens: Union[int, None] = Field(None, ge=1)
     logprobs: bool = False
