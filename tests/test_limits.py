@@ -101,3 +101,13 @@ def test_zero_sizes_in_gguf_are_refused_by_name(tmp_path, key, value, name):
     (tmp_path / "bad.gguf").write_bytes(with_u32(path.read_bytes(), key, value))
     with pytest.raises(cw.ModelLoadError, match=name):
         cw.load(tmp_path / "bad.gguf")
+
+
+def test_a_panic_arrives_as_candlewick_error():
+    """A panic inside the engine (a bug) reaches Python as a CandlewickError naming the operation, which
+    `except Exception` catches, not as PyO3's PanicException (a BaseException); the interpreter goes on."""
+    from candlewick import _native
+
+    with pytest.raises(cw.CandlewickError, match="internal error in _panic_for_test: boom"):
+        _native._panic_for_test("boom")
+    assert cw.load(LLAMA).generate("Hello", max_new_tokens=1, seed=0).choices[0].token_ids

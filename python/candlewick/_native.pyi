@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 __version__: str
 __all__ = [
     "Engine",
-    "__version__",
+    "__version__", "_panic_for_test",
     "IncrementalDecoder", "Model", "Stream", "Tokenizer", "bench_decode", "bench_prefill", "ops_attention",
     "ops_cross_entropy", "ops_gelu", "ops_layer_norm", "ops_log_softmax", "ops_rms_norm", "ops_rope", "ops_silu",
     "ops_softmax", "sample_tokens", "sampling_probs",
@@ -123,3 +123,6 @@ class Engine:
     def stats(self) -> dict[str, int]: ...
     @property
     def config(self) -> dict[str, int]: ...
+def _panic_for_test(message: str) -> None:
+    """Panics inside the engine's error boundary (for the test that a panic arrives as a CandlewickError)."""
+    ...

@@ -19,6 +19,9 @@ pub enum Error {
     /// The user interrupted a long computation (Ctrl-C).
     #[error("interrupted")]
     Interrupted,
+    /// A bug: a panic inside the engine, caught at the Python boundary (see py::errors::detach).
+    #[error("{0}")]
+    Internal(String),
     /// Anything Candle reports that is not one of the above.
     #[error("candle: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 use super::model::PyModel;
 use super::PyResultExt;
+use super::errors::detach;
 use crate::model::Model;
 use crate::nn::positions;
 
@@ -37,7 +38,7 @@ fn prefill(m: &Model, ids: &[u32]) -> crate::Result<(crate::nn::Cache, Tensor)> 
 #[pyfunction]
 fn bench_prefill(py: Python<'_>, model: PyRef<'_, PyModel>, n_tokens: usize) -> PyResult<f64> {
     let m = &model.inner;
-    py.detach(|| -> crate::Result<f64> {
+    detach(py, "bench_prefill", || -> crate::Result<f64> {
         let ids = ids(n_tokens, m.cfg.vocab_size, 1);
         let t0 = Instant::now();
         let (_, logits) = prefill(m, &ids)?;
@@ -52,7 +53,7 @@ fn bench_prefill(py: Python<'_>, model: PyRef<'_, PyModel>, n_tokens: usize) -> 
 #[pyfunction]
 fn bench_decode(py: Python<'_>, model: PyRef<'_, PyModel>, prompt_len: usize, n_tokens: usize) -> PyResult<f64> {
     let m = &model.inner;
-    py.detach(|| -> crate::Result<f64> {
+    detach(py, "bench_decode", || -> crate::Result<f64> {
         let prompt = ids(prompt_len, m.cfg.vocab_size, 2);
         let (mut cache, logits) = prefill(m, &prompt)?;
         let mut next = logits.argmax(1)?.to_vec1::<u32>()?[0];

@@ -10,6 +10,7 @@ use pyo3::types::{PyDict, PyList};
 use super::generate::params_from;
 use super::model::PyModel;
 use super::PyResultExt;
+use super::errors::detach;
 use crate::scheduler::{Handle, Scheduler, SchedulerConfig};
 
 /// A token's logprob as Python gets it: (token, logprob, [(alternative, logprob), ...]).
@@ -58,7 +59,7 @@ impl PyEngine {
     /// One step; returns a list of (request, choice, text, token_ids, logprobs, finish_reason, prompt_tokens,
     /// cached_tokens), logprobs as (token, logprob, [(token, logprob), ...]) per new token.
     fn step<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let deltas = py.detach(|| self.lock().step()).py()?;
+        let deltas = detach(py, "step", || self.lock().step()).py()?;
         let out = PyList::empty(py);
         for d in deltas {
             let lps: Vec<LogprobRow> = d.logprobs.into_iter().map(|l| (l.token, l.logprob, l.top)).collect();

@@ -11,7 +11,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::Tokenizer(_) => "TokenizerError",
         Error::InvalidArgument(_) => "InvalidArgument",
         Error::Device(_) => "DeviceError",
-        Error::Interrupted | Error::Candle(_) => "CandlewickError",
+        Error::Interrupted | Error::Candle(_) | Error::Internal(_) => "CandlewickError",
     }
 }
 
@@ -39,4 +39,26 @@ impl<T> PyResultExt<T> for crate::Result<T> {
     fn py(self) -> PyResult<T> {
         self.map_err(to_py)
     }
+}
+
+/// Run `f` without the GIL, and turn a panic inside it (on this thread or a rayon worker's) into a
+/// CandlewickError naming `op`, rather than PyO3's PanicException (a BaseException that `except Exception` does
+/// not catch, and that a server would not survive).
+pub(crate) fn detach<T: Send>(py: Python<'_>, op: &str, f: impl FnOnce() -> crate::Result<T> + Send) -> crate::Result<T> {
+    py.detach(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::Internal(format!("internal error in {op}: {msg} (a bug in candlewick: please report it)")))
+        })
+    })
+}
+
+/// A panic inside `detach`, for the test that checks it arrives as a CandlewickError.
+#[pyfunction]
+pub(crate) fn _panic_for_test(py: Python<'_>, message: String) -> PyResult<()> {
+    detach(py, "_panic_for_test", || -> crate::Result<()> { panic!("{message}") }).py()
 }

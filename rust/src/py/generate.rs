@@ -10,6 +10,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::model::PyModel;
 use super::PyResultExt;
+use super::errors::detach;
 use crate::error::Error;
 use crate::generate::{Completion, GenParams, Generation};
 use crate::sampling::{sampling_probs, History, Rng, LogitsParams};
@@ -154,8 +155,7 @@ impl PyModel {
             list.iter().map(|d| params_from(&d.cast_into::<PyDict>().map_err(|e| arg_err("params", e.into(), py))?)).collect::<PyResult<_>>()?
         };
         let model = self.inner.clone();
-        let out = py
-            .detach(|| {
+        let out = detach(py, "generate", || {
                 let gen = Generation::new_each(model, prompts.into_iter().zip(each).collect())?;
                 // Between steps, let Python run its signal handlers: Ctrl-C interrupts a long generation.
                 gen.run(|| Python::attach(|py| py.check_signals()).map_err(|_| Error::Interrupted))
@@ -171,7 +171,7 @@ impl PyModel {
             return Err(super::errors::to_py(Error::arg(format!("stream() needs n == 1, got {}", params.n))));
         }
         let model = self.inner.clone();
-        let gen = py.detach(|| Generation::new(model, vec![prompt], params)).py()?;
+        let gen = detach(py, "stream_impl", || Generation::new(model, vec![prompt], params)).py()?;
         Ok(PyStream { state: Mutex::new(Some(gen)), result: Mutex::new(None) })
     }
 }
@@ -191,8 +191,7 @@ impl PyStream {
     fn __next__(&self, py: Python<'_>) -> PyResult<String> {
         // The state is only ever locked with the GIL released, so a step that briefly re-takes the GIL (to run
         // signal handlers) can never wait on a thread that holds the GIL while waiting for this lock.
-        let piece = py
-            .detach(|| -> crate::Result<Option<String>> {
+        let piece = detach(py, "stream", || -> crate::Result<Option<String>> {
                 let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
                     let Some(gen) = guard.as_mut() else { return Ok(None) };

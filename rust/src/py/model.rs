@@ -8,6 +8,7 @@ use pyo3::types::PyDict;
 
 use super::tokenizer::PyTokenizer;
 use super::PyResultExt;
+use super::errors::detach;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::model::Model;
 
@@ -38,7 +39,7 @@ impl PyModel {
         // a quantized dtype ("q8_0", ...) quantizes the projections at load time; the rest stays float32
         let quant = dtype.and_then(crate::nn::linear::parse_qdtype);
         let dtype = if quant.is_some() { None } else { dtype.map(parse_dtype).transpose().py()? };
-        let inner = py.detach(|| Model::load(&path, &dev, dtype, quant)).py()?;
+        let inner = detach(py, "load", || Model::load(&path, &dev, dtype, quant)).py()?;
         Ok(Self { inner: std::sync::Arc::new(inner) })
     }
 
@@ -92,7 +93,7 @@ impl PyModel {
 
     /// logits [B, T, V] for right-padded sequences.
     fn logits<'py>(&self, py: Python<'py>, seqs: Vec<Vec<u32>>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let t = py.detach(|| self.inner.logits(&seqs)).py()?;
+        let t = detach(py, "logits", || self.inner.logits(&seqs)).py()?;
         to_numpy(py, &t)
     }
 
@@ -103,7 +104,7 @@ impl PyModel {
         ids: Vec<u32>,
         chunks: Vec<usize>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let t = py.detach(|| self.inner.logits_incremental(&ids, &chunks)).py()?;
+        let t = detach(py, "logits_incremental", || self.inner.logits_incremental(&ids, &chunks)).py()?;
         to_numpy(py, &t)
     }
 
@@ -113,19 +114,19 @@ impl PyModel {
         py: Python<'py>,
         ids: Vec<u32>,
     ) -> PyResult<(Vec<Array<'py>>, Array<'py>)> {
-        let (layers, logits) = py.detach(|| self.inner.hidden_states(&ids)).py()?;
+        let (layers, logits) = detach(py, "hidden_states", || self.inner.hidden_states(&ids)).py()?;
         let layers = layers.iter().map(|t| to_numpy(py, t)).collect::<PyResult<Vec<_>>>()?;
         Ok((layers, to_numpy(py, &logits)?))
     }
 
     fn token_nll<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let v = py.detach(|| self.inner.token_nll(&ids)).py()?;
+        let v = detach(py, "token_nll", || self.inner.token_nll(&ids)).py()?;
         Ok(PyArray1::from_vec(py, v))
     }
 
     #[pyo3(signature = (ids, stride = None))]
     fn perplexity(&self, py: Python<'_>, ids: Vec<u32>, stride: Option<usize>) -> PyResult<(f64, usize)> {
-        py.detach(|| self.inner.perplexity(&ids, stride)).py()
+        detach(py, "perplexity", || self.inner.perplexity(&ids, stride)).py()
     }
 
     /// (last_hidden_state [B, T, C], embeddings [B, C]) for texts (encoder models).
@@ -134,7 +135,7 @@ impl PyModel {
         py: Python<'py>,
         texts: Vec<String>,
     ) -> PyResult<(Array<'py>, Array<'py>)> {
-        let (h, e) = py.detach(|| self.inner.embed_texts(&texts)).py()?;
+        let (h, e) = detach(py, "embed_texts", || self.inner.embed_texts(&texts)).py()?;
         Ok((to_numpy(py, &h)?, to_numpy(py, &e)?))
     }
 

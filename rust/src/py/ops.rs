@@ -30,8 +30,7 @@ fn tensor<T: numpy::Element + candle_core::WithDType>(a: &PyReadonlyArrayDyn<'_,
 
 /// Run `f` without the GIL and hand its tensor back as a float32 numpy array.
 fn run<'py>(py: Python<'py>, f: impl FnOnce() -> Result<Tensor> + Send) -> PyResult<Out<'py>> {
-    let (data, dims) = py
-        .detach(|| -> Result<(Vec<f32>, Vec<usize>)> {
+    let (data, dims) = super::errors::detach(py, "op", || -> Result<(Vec<f32>, Vec<usize>)> {
             let t = f()?;
             Ok((t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, t.dims().to_vec()))
         })

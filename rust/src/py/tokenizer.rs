@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use pyo3::prelude::*;
 
 use super::PyResultExt;
+use super::errors::detach;
 use crate::error::Error;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -26,25 +27,25 @@ pub(crate) fn to_ids(ids: Vec<i64>, vocab: usize) -> crate::Result<Vec<u32>> {
 impl PyTokenizer {
     #[staticmethod]
     fn from_pretrained(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
-        let tok = py.detach(|| Tokenizer::from_pretrained(&path)).py()?;
+        let tok = detach(py, "from_pretrained", || Tokenizer::from_pretrained(&path)).py()?;
         Ok(Self { inner: Arc::new(tok) })
     }
 
     #[pyo3(signature = (text, add_special_tokens = true))]
     fn encode(&self, py: Python<'_>, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
         let text = text.to_owned();
-        py.detach(|| self.inner.encode(&text, add_special_tokens)).py()
+        detach(py, "encode", || self.inner.encode(&text, add_special_tokens)).py()
     }
 
     #[pyo3(signature = (texts, add_special_tokens = true))]
     fn encode_batch(&self, py: Python<'_>, texts: Vec<String>, add_special_tokens: bool) -> PyResult<Vec<Vec<u32>>> {
-        py.detach(|| self.inner.encode_batch(&texts, add_special_tokens)).py()
+        detach(py, "encode_batch", || self.inner.encode_batch(&texts, add_special_tokens)).py()
     }
 
     #[pyo3(signature = (ids, skip_special_tokens = true))]
     fn decode(&self, py: Python<'_>, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
         let ids = to_ids(ids, self.inner.vocab_size()).py()?;
-        py.detach(|| self.inner.decode(&ids, skip_special_tokens)).py()
+        detach(py, "decode", || self.inner.decode(&ids, skip_special_tokens)).py()
     }
 
     fn token_to_id(&self, token: &str) -> Option<u32> {
