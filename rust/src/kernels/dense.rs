@@ -94,8 +94,25 @@ impl Panels {
     }
 }
 
+/// Whether full panels of a W weight with k inputs are stored in pairs of k ([k/2][64][2]: the layout AVX512-BF16's
+/// `vdpbf16ps` multiplies), so that decode and prefill both use it and get the same numbers. A property of the
+/// process (the CPU and `CANDLEWICK_ISA`), the same at packing and at every product.
+fn paired<W: Elem>(k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return W::IS_BF16 && k.is_multiple_of(2) && cpu::has_bf16_dot();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Where element (q, j) of a panel of nr columns sits in it.
+#[inline(always)]
+fn at(q: usize, j: usize, nr: usize, pairs: bool) -> usize {
+    if pairs && nr == PANEL { (q / 2) * 2 * PANEL + 2 * j + q % 2 } else { q * nr + j }
+}
+
 /// [n, k] row-major -> panels.
-fn pack<W: Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize) -> Vec<W> {
+fn pack<W: Elem + Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize) -> Vec<W> {
+    let pairs = paired::<W>(k);
     let mut out = vec![W::default(); n * k];
     if k == 0 {
         return out;
@@ -106,7 +123,7 @@ fn pack<W: Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize) -> Vec<W> 
         for j in 0..nr {
             let row = &w[(r0 + j) * k..(r0 + j + 1) * k];
             for (q, &v) in row.iter().enumerate() {
-                panel[q * nr + j] = v;
+                panel[at(q, j, nr, pairs)] = v;
             }
         }
     });
@@ -114,7 +131,8 @@ fn pack<W: Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize) -> Vec<W> 
 }
 
 /// Panels -> [n, k] row-major.
-fn unpack<W: Copy + Send + Sync + Default>(p: &[W], n: usize, k: usize) -> Vec<W> {
+fn unpack<W: Elem + Copy + Send + Sync + Default>(p: &[W], n: usize, k: usize) -> Vec<W> {
+    let pairs = paired::<W>(k);
     let mut out = vec![W::default(); n * k];
     if k == 0 {
         return out;
@@ -124,7 +142,7 @@ fn unpack<W: Copy + Send + Sync + Default>(p: &[W], n: usize, k: usize) -> Vec<W
         let panel = &p[b * PANEL * k..b * PANEL * k + nr * k];
         for j in 0..nr {
             for q in 0..k {
-                rows[j * k + q] = panel[q * nr + j];
+                rows[j * k + q] = panel[at(q, j, nr, pairs)];
             }
         }
     });
@@ -269,12 +287,27 @@ pub(crate) fn matvec<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, 
     let n_panels = n.div_ceil(PANEL);
     let per = panels_per_task(n_panels, PANEL * k * std::mem::size_of::<W>());
     let dst = SendPtr(out.as_mut_ptr());
+    // bf16 panels in pairs: x as bf16 bits (already rounded by `matmul`), the products as prefill computes them
+    let xb: Option<Vec<u16>> = paired::<W>(k).then(|| x.iter().map(|v| (v.to_bits() >> 16) as u16).collect());
     par_tasks(n_panels.div_ceil(per), |t| {
         let mut acc = [0f32; PANEL];
         for p in t * per..((t + 1) * per).min(n_panels) {
             let r0 = p * PANEL;
             let nr = PANEL.min(n - r0);
             let panel = &w[r0 * k..(r0 + nr) * k];
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(xb), Some(bits), true) = (&xb, W::bf16_bits(panel), nr == PANEL) {
+                for i in 0..m {
+                    // SAFETY: this task alone writes columns r0..r0+64 of out; row i is inside it.
+                    let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(i * n + r0), PANEL) };
+                    if let Some(b) = bias {
+                        o.copy_from_slice(&b[r0..r0 + PANEL]);
+                    }
+                    // SAFETY: the CPU has AVX512-BF16 (`paired`); one row of k (even) bits, a [k/2][64][2] panel.
+                    unsafe { bf16x::panel_rows(&xb[i * k..(i + 1) * k], 1, k, bits, o.as_mut_ptr(), n, bias.is_some()) };
+                }
+                continue;
+            }
             for i in 0..m {
                 let acc = &mut acc[..nr];
                 panel_dot(&x[i * k..(i + 1) * k], panel, nr, acc);
@@ -371,6 +404,51 @@ mod avx2 {
             }
         }
     }
+
+    /// `panel_rows` for a full panel with AVX2: R rows x 32 columns of accumulators, each half of the panel in turn.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn panel_rows(x: &[f32], rows: usize, k: usize, panel: &[f32], out: *mut f32, os: usize) {
+        let mut i = 0;
+        while i < rows {
+            let r = 3.min(rows - i);
+            for half in 0..2 {
+                // SAFETY: the caller's (x [rows, k], panel [k, 64], out rows os apart).
+                unsafe {
+                    let (xs, o) = (&x[i * k..], out.add(i * os + 32 * half));
+                    match r {
+                        3 => tile::<3>(xs, k, panel, half, o, os),
+                        2 => tile::<2>(xs, k, panel, half, o, os),
+                        _ => tile::<1>(xs, k, panel, half, o, os),
+                    }
+                }
+            }
+            i += r;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize>(x: &[f32], k: usize, panel: &[f32], half: usize, out: *mut f32, os: usize) {
+        debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL);
+        // SAFETY: reads x[r·k + q] for r < R, q < k and 32 floats of panel row q; writes 32 floats of R rows.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            let (xp, p) = (x.as_ptr(), panel.as_ptr().add(32 * half));
+            for q in 0..k {
+                let w: [__m256; 4] = std::array::from_fn(|u| _mm256_loadu_ps(p.add(q * PANEL + 8 * u)));
+                for r in 0..R {
+                    let xb = _mm256_set1_ps(*xp.add(r * k + q));
+                    for u in 0..4 {
+                        acc[r][u] = _mm256_fmadd_ps(w[u], xb, acc[r][u]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for u in 0..4 {
+                    _mm256_storeu_ps(out.add(r * os + 8 * u), acc[r][u]);
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -422,60 +500,130 @@ pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: us
                 &buf
             }
         };
-        // SAFETY: task t alone writes rows i0..i0+mr x columns r0..r0+nr of out. x rows i0..i0+mr are [mr, k]
-        // row-major; the panel is [k, nr] row-major (row stride nr, column stride 1); all inside their slices.
-        unsafe {
-            gemm::gemm(
-                mr,
-                nr,
-                k,
-                dst.get().add(i0 * n + r0),
-                1,
-                n as isize,
-                bias.is_some(),
-                x.as_ptr().add(i0 * k),
-                1,
-                k as isize,
-                wf.as_ptr(),
-                1,
-                nr as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
+        // SAFETY: task t alone writes rows i0..i0+mr x columns r0..r0+nr of out (rows of n); x rows i0..i0+mr
+        // are [mr, k]; the panel is [k, nr].
+        unsafe { panel_rows(&x[i0 * k..(i0 + mr) * k], mr, k, wf, nr, dst.get().add(i0 * n + r0), n, bias.map(|b| &b[r0..r0 + nr])) };
     });
     out
 }
 
+/// out[i][j] = Σ_q x[i][q]·panel[q][j] (+ bias[j]) for i < rows, j < nr, rows of out `os` apart: every element
+/// summed exactly as `panel_dot` sums it (the same chain of multiply-adds over q, then the bias), so a row's
+/// numbers do not depend on how many rows are computed together (decode, prefill, a batch). Several rows
+/// share each load of the panel: 6 x 64 columns in AVX-512 registers, 3 x 32 in AVX2 ones.
+///
+/// # Safety
+/// x is [rows, k], panel [k, nr]; out has `rows` rows `os` apart with nr writable columns each.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_rows(x: &[f32], rows: usize, k: usize, panel: &[f32], nr: usize, out: *mut f32, os: usize, bias: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if nr == PANEL && cpu::isa() >= cpu::Isa::Avx2 {
+        // SAFETY: the CPU has the level's instructions; the rest is the caller's.
+        unsafe {
+            if cpu::isa() >= cpu::Isa::Avx512 {
+                rows512::panel_rows(x, rows, k, panel, out, os);
+            } else {
+                avx2::panel_rows(x, rows, k, panel, out, os);
+            }
+        }
+    } else {
+        let mut acc = vec![0f32; nr];
+        for i in 0..rows {
+            panel_dot(&x[i * k..(i + 1) * k], panel, nr, &mut acc);
+            // SAFETY: row i of out has nr writable columns (the caller's).
+            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(i * os), nr) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut acc = vec![0f32; nr];
+        for i in 0..rows {
+            panel_dot(&x[i * k..(i + 1) * k], panel, nr, &mut acc);
+            // SAFETY: row i of out has nr writable columns (the caller's).
+            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(i * os), nr) };
+        }
+    }
+    if let Some(b) = bias {
+        for i in 0..rows {
+            // SAFETY: as above.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * os), nr) };
+            o.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// `panel_rows` for a full panel with AVX-512: R rows x 64 columns of accumulators (4 registers a row).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod rows512 {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn panel_rows(x: &[f32], rows: usize, k: usize, panel: &[f32], out: *mut f32, os: usize) {
+        let mut i = 0;
+        while i < rows {
+            let r = 6.min(rows - i);
+            // SAFETY: the caller's (x [rows, k], panel [k, 64], out rows os apart).
+            unsafe {
+                let (xs, o) = (&x[i * k..], out.add(i * os));
+                match r {
+                    6 => tile::<6>(xs, k, panel, o, os),
+                    5 => tile::<5>(xs, k, panel, o, os),
+                    4 => tile::<4>(xs, k, panel, o, os),
+                    3 => tile::<3>(xs, k, panel, o, os),
+                    2 => tile::<2>(xs, k, panel, o, os),
+                    _ => tile::<1>(xs, k, panel, o, os),
+                }
+            }
+            i += r;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile<const R: usize>(x: &[f32], k: usize, panel: &[f32], out: *mut f32, os: usize) {
+        debug_assert!(x.len() >= (R - 1) * k + k && panel.len() >= k * PANEL);
+        // SAFETY: reads x[r·k + q] for r < R, q < k and panel[q·64 .. q·64 + 64]; writes 64 floats of R rows.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            let (xp, p) = (x.as_ptr(), panel.as_ptr());
+            for q in 0..k {
+                let w: [__m512; 4] = std::array::from_fn(|u| _mm512_loadu_ps(p.add(q * PANEL + 16 * u)));
+                for r in 0..R {
+                    let xb = _mm512_set1_ps(*xp.add(r * k + q));
+                    for u in 0..4 {
+                        acc[r][u] = _mm512_fmadd_ps(w[u], xb, acc[r][u]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for u in 0..4 {
+                    _mm512_storeu_ps(out.add(r * os + 16 * u), acc[r][u]);
+                }
+            }
+        }
+    }
+}
+
 /// bf16 weights × bf16-rounded activations with AVX512-BF16's `vdpbf16ps` (two products per f32 lane, exact, summed in
-/// f32): twice the multiply rate of f32 FMAs. A panel ([k, 64] bf16) is interleaved into pairs of k first
-/// ([k/2][64][2]), so one 512-bit load holds the pairs of 16 columns; each row of x supplies one broadcast pair.
+/// f32): twice the multiply rate of f32 FMAs. A full panel of bf16 is stored in pairs of k ([k/2][64][2], see
+/// `paired`), so one 512-bit load holds the pairs of 16 columns; each row of x supplies one broadcast pair. Decode
+/// (matvec) uses the same kernel on such panels, so both compute the same numbers.
 #[cfg(target_arch = "x86_64")]
 mod bf16x {
     use std::arch::x86_64::*;
 
     use super::PANEL;
 
-    /// out[i][j] (+)= Σ_q x[i][q]·panel[q][j] for i < rows, j < 64; x [rows, k] bf16 bits, out rows `os` apart;
-    /// `add`: out already holds the bias.
+    /// out[i][j] (+)= Σ_q x[i][q]·panel[q][j] for i < rows, j < 64; x [rows, k] bf16 bits, the panel stored in
+    /// pairs of q ([k/2][64][2], as `pack` stores it), out rows `os` apart; `add`: out already holds the bias.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn panel_rows(x: &[u16], rows: usize, k: usize, panel: &[u16], out: *mut f32, os: usize, add: bool) {
         // SAFETY: the caller guarantees AVX512-F and BF16, x [rows, k] and panel [k, 64] as asserted, and that out has rows·os elements with 64 columns writable in each row; tile reads and writes only inside those.
         unsafe {
             debug_assert!(k.is_multiple_of(2) && x.len() == rows * k && panel.len() == k * PANEL);
-            let mut pairs = vec![0u16; k * PANEL];
-            for q2 in 0..k / 2 {
-                let (a, b) = (&panel[2 * q2 * PANEL..][..PANEL], &panel[(2 * q2 + 1) * PANEL..][..PANEL]);
-                let dst = &mut pairs[q2 * 2 * PANEL..][..2 * PANEL];
-                for j in 0..PANEL {
-                    dst[2 * j] = a[j];
-                    dst[2 * j + 1] = b[j];
-                }
-            }
+            let pairs = panel;
             let mut i = 0;
             while i + 6 <= rows {
                 tile::<6>(x[i * k..].as_ptr(), k, &pairs, out.add(i * os), os, add);
@@ -545,7 +693,9 @@ mod tests {
             let mut w32 = vec![0f32; w.len()];
             W::widen(w, &mut w32);
             let want = reference(x, 1, k, &w32, n, None);
-            let packed = pack(w, n, k);
+            // the plain [k, nr] layout (packing is a permutation; bf16 full panels may be stored in pairs)
+            let order = pack(&(0..n * k).map(|i| i as f32).collect::<Vec<_>>(), n, k);
+            let packed: Vec<W> = order.iter().map(|&i| w[i as usize]).collect();
             for r0 in (0..n).step_by(PANEL) {
                 let nr = PANEL.min(n - r0);
                 let mut got = vec![0f32; nr];
@@ -561,6 +711,41 @@ mod tests {
             run(&w32, &x, k, n);
             run(&w32.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), &x, k, n);
             run(&w32.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), &x, k, n);
+        }
+    }
+
+    /// Batch invariance, bit for bit: row i of a many-row product (the prefill kernel) equals the same row
+    /// computed alone (the decode kernel), for f32 and f16 weights, full and partial panels, with and without a
+    /// bias, at every row count around the kernels' register tiles; and it agrees with the f64 reference.
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        fn run<W: Elem + Default>(w: &[W], k: usize, n: usize, bias: Option<&[f32]>) {
+            let packed = pack(w, n, k);
+            let mut w32 = vec![0f32; w.len()];
+            W::widen(w, &mut w32);
+            for m in [9, 13, 40] {
+                let x = vals(m * k, 11);
+                let many = matmul(&x, m, k, &packed, n, bias);
+                // bf16 weights multiply activations rounded to bf16
+                let xr: Vec<f32> = x.iter().map(|&v| if W::IS_BF16 { round_bf16(v) } else { v }).collect();
+                let want = reference(&xr, m, k, &w32, n, bias);
+                for i in 0..m {
+                    let one = matmul(&x[i * k..(i + 1) * k], 1, k, &packed, n, bias);
+                    assert_eq!(&many[i * n..(i + 1) * n], &one[..], "{k}->{n} m={m} row {i}");
+                    for j in 0..n {
+                        let (g, r) = (one[j] as f64, want[i * n + j]);
+                        assert!((g - r).abs() <= 1e-5 * (k as f64).sqrt() * r.abs().max(1.0), "{g} vs {r}");
+                    }
+                }
+            }
+        }
+        for &(k, n) in &[(7usize, 13usize), (257, 100), (600, 128), (96, 200)] {
+            let w = vals(n * k, 3);
+            let b = vals(n, 4);
+            run(&w, k, n, None);
+            run(&w, k, n, Some(&b));
+            run(&w.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), k, n, Some(&b));
+            run(&w.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), k, n, Some(&b));
         }
     }
 
