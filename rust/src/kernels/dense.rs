@@ -626,11 +626,11 @@ mod bf16x {
             let pairs = panel;
             let mut i = 0;
             while i + 6 <= rows {
-                tile::<6>(x[i * k..].as_ptr(), k, &pairs, out.add(i * os), os, add);
+                tile::<6>(x[i * k..].as_ptr(), k, pairs, out.add(i * os), os, add);
                 i += 6;
             }
             while i < rows {
-                tile::<1>(x[i * k..].as_ptr(), k, &pairs, out.add(i * os), os, add);
+                tile::<1>(x[i * k..].as_ptr(), k, pairs, out.add(i * os), os, add);
                 i += 1;
             }
         }
