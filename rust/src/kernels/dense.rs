@@ -8,12 +8,15 @@
 //!   every weight is read once per call at the width it is stored (a bf16/f16 weight is widened in registers:
 //!   half the bytes of f32). Candle's matmul instead runs a single-threaded gemv at M = 1, and converts a bf16
 //!   weight to f32 on every call.
-//! - many rows (prefill): the gemm crate on each (panel, block of 128 rows of x), the panel widened to f32 first
-//!   when it is f16 (or bf16 on a CPU without AVX512-BF16; with it, `bf16x` multiplies bf16 pairs directly).
-//!   A bf16 weight always multiplies activations rounded to bf16, whichever kernel runs. A column-major panel is what gemm's micro-kernels want, so it skips the transposing
-//!   copy it makes of a row-major weight: ~195 GFLOP/s on 2 Zen 4 cores at M = 128, against 100-160 through
-//!   Candle's matmul (which also gets gemm's AVX-512 kernels from the `x86-v4` feature in Cargo.toml).
-//!
+//! - many rows (prefill): each (panel, block of up to 128 rows of x) is a task; a register tile of rows (6 x 64
+//!   columns with AVX-512, 3 x 32 with AVX2) shares each load of the panel, and every element is summed as the
+//!   matrix-vector kernel sums it (the same chain of fused multiply-adds over k, then the bias). So a row's
+//!   numbers are the same whatever the row count: a batch, a prefill and a decode step agree bit for bit (the
+//!   scheduler's promise that a request's output does not depend on the batch). An f16 panel is widened to f32
+//!   first (exactly, then it stays in L2). A bf16 weight always multiplies activations rounded to bf16; on a
+//!   CPU with AVX512-BF16 its full panels are stored in pairs of k and both kernels use `vdpbf16ps` (`bf16x`),
+//!   so they also agree.
+
 //! The layer that holds a weight this way, and falls back to Candle's matmul elsewhere, is `nn::linear::Dense`.
 
 use half::{bf16, f16};
