@@ -163,16 +163,20 @@ pub fn process_logits(logits: &[f32], hist: &History, p: &LogitsParams) -> Vec<f
     if p.top_p < 1.0 {
         let probs = softmax(&x);
         let mut order: Vec<usize> = (0..x.len()).filter(|&i| probs[i] > 0.0).collect();
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-        let mut cum = 0.0;
-        let mut keep = order.len();
-        for (n, &i) in order.iter().enumerate() {
-            cum += probs[i];
-            if cum >= p.top_p {
-                keep = n + 1;
-                break;
-            }
+        let by_prob = |&a: &usize, &b: &usize| probs[b].total_cmp(&probs[a]).then(a.cmp(&b));
+        // The kept tokens are nearly always a short head of the order: sort only the first TOP_P_HEAD (a total
+        // order, so they are exactly the full sort's first ones, summed in the same order), and the whole
+        // vocabulary only when they do not reach top_p.
+        let mut keep = None;
+        if order.len() > TOP_P_HEAD {
+            order.select_nth_unstable_by(TOP_P_HEAD - 1, by_prob);
+            order[..TOP_P_HEAD].sort_by(by_prob);
+            keep = shortest_prefix(&order[..TOP_P_HEAD], &probs, p.top_p);
         }
+        let keep = keep.unwrap_or_else(|| {
+            order.sort_by(by_prob);
+            shortest_prefix(&order, &probs, p.top_p).unwrap_or(order.len())
+        });
         let mut kept = vec![false; x.len()];
         order[..keep].iter().for_each(|&i| kept[i] = true);
         x.iter_mut().zip(kept).for_each(|(v, k)| if !k { *v = f64::NEG_INFINITY });
@@ -184,6 +188,22 @@ pub fn process_logits(logits: &[f32], hist: &History, p: &LogitsParams) -> Vec<f
         x.iter_mut().zip(probs).for_each(|(v, q)| if q < cut { *v = f64::NEG_INFINITY });
     }
     x
+}
+
+/// Tokens top_p sorts first, before it sorts the whole vocabulary.
+const TOP_P_HEAD: usize = 512;
+
+/// How many of `order` (sorted by probability) it takes for their probabilities, summed in that order, to reach
+/// `top_p`; None if all of them do not.
+fn shortest_prefix(order: &[usize], probs: &[f64], top_p: f64) -> Option<usize> {
+    let mut cum = 0.0;
+    for (n, &i) in order.iter().enumerate() {
+        cum += probs[i];
+        if cum >= top_p {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 /// The distribution the next token is drawn from: softmax of the processed logits (one-hot when greedy).
@@ -258,6 +278,32 @@ mod tests {
         let p = LogitsParams { top_p: 0.7, ..Default::default() };
         let probs = sampling_probs(&logits, &History::default(), &p);
         assert!((probs[0] - 0.625).abs() < 1e-6 && (probs[1] - 0.375).abs() < 1e-6 && probs[2] == 0.0);
+    }
+
+    /// top_p sorting only the head of the order gives exactly what sorting the whole vocabulary gives, for
+    /// peaked and flat distributions (the head too short: the full sort), with ties among the probabilities.
+    #[test]
+    fn top_p_head_equals_the_full_sort() {
+        let full = |x: &[f64], top_p: f64| -> Vec<f64> {
+            let probs = softmax(x);
+            let mut order: Vec<usize> = (0..x.len()).filter(|&i| probs[i] > 0.0).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            let keep = shortest_prefix(&order, &probs, top_p).unwrap_or(order.len());
+            let mut kept = vec![false; x.len()];
+            order[..keep].iter().for_each(|&i| kept[i] = true);
+            x.iter().zip(kept).map(|(&v, k)| if k { v } else { f64::NEG_INFINITY }).collect()
+        };
+        let mut rng = Rng::new(3, 0);
+        for (spread, vocab) in [(8.0f64, 5000usize), (0.5, 5000), (0.0, 3000), (3.0, 600)] {
+            // values on a coarse grid, so that many tie
+            let logits: Vec<f32> = (0..vocab).map(|_| ((rng.uniform() * spread * 4.0).round() / 4.0) as f32).collect();
+            for top_p in [0.1, 0.5, 0.9, 0.99, 0.999999] {
+                let p = LogitsParams { top_p, ..Default::default() };
+                let got = process_logits(&logits, &History::default(), &p);
+                let x: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+                assert_eq!(got, full(&x, top_p), "spread {spread} vocab {vocab} top_p {top_p}");
+            }
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::generate::{finalize_text, held_back, random_seed, stop_strings_hit, t
 use crate::model::Model;
 use crate::nn::{KvPool, PagedSeq};
 use crate::sampling::{next_token, History, Rng};
+use rayon::prelude::*;
 use crate::tokenizer::Tokenizer;
 
 /// How a scheduler shares the machine.
@@ -569,6 +570,26 @@ impl Scheduler {
         let mut forks = vec![];
         // (taken out of self while they sample; put back before an error goes up, so no sequence is lost)
         let mut running = std::mem::take(&mut self.running);
+        // Every sequence draws its token from its own logits and random stream, all at once on the threads (a
+        // top-p draw sorts part of the vocabulary: the sequences' draws together rival the forward pass)
+        let mut drawn: Vec<Option<Drawn>> = {
+            let mut jobs: Vec<(usize, &mut Seq)> = vec![];
+            let mut by_row: Vec<Option<usize>> = vec![None; running.len()];
+            for (pi, &(i, _)) in plan.iter().enumerate() {
+                by_row[i] = logit_of[pi];
+            }
+            for (i, s) in running.iter_mut().enumerate() {
+                if let Some(r) = by_row[i] {
+                    jobs.push((r, s));
+                }
+            }
+            let mut d: Vec<Option<Drawn>> = (0..logits.len()).map(|_| None).collect();
+            let results: Vec<(usize, Drawn)> = jobs.into_par_iter().map(|(r, s)| (r, draw_token(s, &logits[r]))).collect();
+            for (r, t) in results {
+                d[r] = Some(t);
+            }
+            d
+        };
         let sampled = (|| -> Result<()> {
             for (pi, &(i, n)) in plan.iter().enumerate() {
                 let s = &mut running[i];
@@ -578,7 +599,8 @@ impl Scheduler {
                     if s.fork > 0 {
                         forks.extend(self.fork(s, &logits[r], &mut out)?);
                     }
-                    self.sample(s, &logits[r])?;
+                    let t = drawn[r].take().expect("every row of logits is drawn from");
+                    self.take_token(s, t)?;
                     out.push(self.delta(s));
                 }
             }
@@ -673,10 +695,15 @@ impl Scheduler {
     }
 
     fn sample(&mut self, s: &mut Seq, logits: &[f32]) -> Result<()> {
+        let t = draw_token(s, logits);
+        self.take_token(s, t)
+    }
+
+    /// Append a drawn token to `s`: its text, stop ids and strings, and the length limit.
+    fn take_token(&mut self, s: &mut Seq, (token, logprob): Drawn) -> Result<()> {
         let p = s.params.clone();
-        let token = next_token(logits, &s.hist, &p.sampling, &mut s.rng);
-        if let Some(k) = p.logprobs {
-            s.pending_logprobs.push(token_logprob(logits, token, k));
+        if let Some(lp) = logprob {
+            s.pending_logprobs.push(lp);
         }
         s.tokens.push(token);
         s.hist.push(token);
@@ -733,4 +760,13 @@ impl Scheduler {
         }
         d
     }
+}
+
+/// A sequence's next token, and its logprob entry when asked for.
+type Drawn = (u32, Option<TokenLogprob>);
+
+/// Draw the next token of `s` from its logits (advancing its random stream): thread-safe per sequence.
+fn draw_token(s: &mut Seq, logits: &[f32]) -> Drawn {
+    let token = next_token(logits, &s.hist, &s.params.sampling, &mut s.rng);
+    (token, s.params.logprobs.map(|k| token_logprob(logits, token, k)))
 }

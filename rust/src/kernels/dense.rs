@@ -16,7 +16,7 @@
 //!   first (exactly, then it stays in L2). A bf16 weight always multiplies activations rounded to bf16; on a
 //!   CPU with AVX512-BF16 its full panels are stored in pairs of k and both kernels use `vdpbf16ps` (`bf16x`),
 //!   so they also agree.
-
+//!
 //! The layer that holds a weight this way, and falls back to Candle's matmul elsewhere, is `nn::linear::Dense`.
 
 use half::{bf16, f16};
