@@ -482,6 +482,26 @@ mod simd {
     }
 }
 
+/// Walk the keys of `segs` (in order, `VT` at a time) and, for each tile, every row that sees some of it: the
+/// body runs with `seg`, `col` (the run's first key), `r` and `a..b`, the keys (block-relative) row r sees there.
+/// A macro, not a function taking a closure: a closure would be compiled without the caller's target features.
+macro_rules! for_each_tile {
+    ($segs:expr, $rows:expr, $vis:expr, |$seg:ident, $col:ident, $r:ident, $a:ident, $b:ident| $body:block) => {{
+        let mut $col = 0;
+        for $seg in $segs {
+            for t0 in (0..$seg.len).step_by(VT) {
+                let (j0, j1) = ($col + t0, $col + (t0 + VT).min($seg.len));
+                for $r in 0..$rows {
+                    let (from, seen) = $vis($r);
+                    let ($a, $b) = (j0.max(from), j1.min(seen));
+                    if $a < $b $body
+                }
+            }
+            $col += $seg.len;
+        }
+    }};
+}
+
 /// acc[l] += p · v[l] for l < 64 (or all of v when it is shorter): one output element's chain per lane.
 #[inline(always)]
 fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
@@ -509,26 +529,14 @@ unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<
     };
     // scores [head·rows + r][key], a tile of keys at a time for every row that sees some of them
     let mut s = vec![0f32; nrow * kend];
-    let mut col = 0;
-    for seg in kv.segs {
-        debug_assert!(seg.len == 0 || kv.k.len() >= seg.k + (seg.len - 1) * kv.k_rs + d);
-        for t0 in (0..seg.len).step_by(VT) {
-            let (j0, j1) = (col + t0, col + (t0 + VT).min(seg.len));
-            for r in 0..rows {
-                let (from, seen) = vis(r);
-                let (a, b) = (j0.max(from), j1.min(seen));
-                if a >= b {
-                    continue;
-                }
-                for i in 0..rg.heads {
-                    let qr = &q[rg.at(i, r)..][..d];
-                    let sr = &mut s[(i * rows + r) * kend + a..(i * rows + r) * kend + b];
-                    dots(qr, &kv.k[seg.k + (a - col) * kv.k_rs..], kv.k_rs, scale, sr);
-                }
-            }
+    for_each_tile!(kv.segs, rows, vis, |seg, col, r, a, b| {
+        debug_assert!(kv.k.len() >= seg.k + (b - col - 1) * kv.k_rs + d);
+        for i in 0..rg.heads {
+            let qr = &q[rg.at(i, r)..][..d];
+            let sr = &mut s[(i * rows + r) * kend + a..(i * rows + r) * kend + b];
+            dots(qr, &kv.k[seg.k + (a - col) * kv.k_rs..], kv.k_rs, scale, sr);
         }
-        col += seg.len;
-    }
+    });
     let mut inv = vec![0f32; nrow];
     for (ir, row) in s.chunks_exact_mut(kend).enumerate() {
         let r = ir % rows;
@@ -551,34 +559,22 @@ unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<
             orow(i, r).fill(0.0);
         }
     }
-    let mut col = 0;
-    for seg in kv.segs {
-        debug_assert!(seg.len == 0 || kv.v.len() >= seg.v + (seg.len - 1) * kv.v_rs + d);
-        for t0 in (0..seg.len).step_by(VT) {
-            let (j0, j1) = (col + t0, col + (t0 + VT).min(seg.len));
-            for r in 0..rows {
-                let (from, seen) = vis(r);
-                let (a, b) = (j0.max(from), j1.min(seen));
-                if a >= b {
-                    continue;
+    for_each_tile!(kv.segs, rows, vis, |seg, col, r, a, b| {
+        debug_assert!(kv.v.len() >= seg.v + (b - col - 1) * kv.v_rs + d);
+        for i in 0..rg.heads {
+            let or = orow(i, r);
+            let sr = &s[(i * rows + r) * kend..][..kend];
+            for c0 in (0..d).step_by(64) {
+                let w = 64.min(d - c0);
+                let mut acc = [0f32; 64];
+                acc[..w].copy_from_slice(&or[c0..c0 + w]);
+                for (j, &p) in sr.iter().enumerate().take(b).skip(a) {
+                    axpy(&mut acc[..w], p, &kv.v[seg.v + (j - col) * kv.v_rs + c0..][..w]);
                 }
-                for i in 0..rg.heads {
-                    let or = orow(i, r);
-                    let sr = &s[(i * rows + r) * kend..][..kend];
-                    for c0 in (0..d).step_by(64) {
-                        let w = 64.min(d - c0);
-                        let mut acc = [0f32; 64];
-                        acc[..w].copy_from_slice(&or[c0..c0 + w]);
-                        for (j, &p) in sr.iter().enumerate().take(b).skip(a) {
-                            axpy(&mut acc[..w], p, &kv.v[seg.v + (j - col) * kv.v_rs + c0..][..w]);
-                        }
-                        or[c0..c0 + w].copy_from_slice(&acc[..w]);
-                    }
-                }
+                or[c0..c0 + w].copy_from_slice(&acc[..w]);
             }
         }
-        col += seg.len;
-    }
+    });
     for i in 0..rg.heads {
         for r in 0..rows {
             let f = inv[i * rows + r];
