@@ -502,6 +502,29 @@ macro_rules! for_each_tile {
     }};
 }
 
+/// For H rows (their scores and output rows): out[c0..c0+64] += Σ_{j in a..b} p_j · v_j[c0..c0+64], each element
+/// one chain over j in order (as `axpy` would sum it row by row), every row of V (`vs`, rows `v_rs` apart from
+/// key a on) loaded once for the H rows.
+#[inline(always)]
+fn pv<const H: usize>(rows: [(&[f32], &mut [f32]); H], a: usize, b: usize, vs: &[f32], v_rs: usize, c0: usize) {
+    let mut acc = [[0f32; 64]; H];
+    for (h, (_, o)) in rows.iter().enumerate() {
+        acc[h].copy_from_slice(&o[c0..c0 + 64]);
+    }
+    for j in a..b {
+        let vj: &[f32; 64] = vs[(j - a) * v_rs..][..64].try_into().unwrap();
+        for h in 0..H {
+            let p = rows[h].0[j];
+            for l in 0..64 {
+                acc[h][l] = p.mul_add(vj[l], acc[h][l]);
+            }
+        }
+    }
+    for (h, (_, o)) in rows.into_iter().enumerate() {
+        o[c0..c0 + 64].copy_from_slice(&acc[h]);
+    }
+}
+
 /// acc[l] += p · v[l] for l < 64 (or all of v when it is shorter): one output element's chain per lane.
 #[inline(always)]
 fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
@@ -561,6 +584,24 @@ unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<
     }
     for_each_tile!(kv.segs, rows, vis, |seg, col, r, a, b| {
         debug_assert!(kv.v.len() >= seg.v + (b - col - 1) * kv.v_rs + d);
+        if d % 64 == 0 {
+            // up to 3 heads of the group at once: each row of V loaded once for all of them
+            let mut i = 0;
+            while i < rg.heads {
+                let h = 3.min(rg.heads - i);
+                for c0 in (0..d).step_by(64) {
+                    let vs = &kv.v[seg.v + (a - col) * kv.v_rs + c0..];
+                    let row = |k: usize| (&s[((i + k) * rows + r) * kend..][..kend], orow(i + k, r));
+                    match h {
+                        3 => pv::<3>([row(0), row(1), row(2)], a, b, vs, kv.v_rs, c0),
+                        2 => pv::<2>([row(0), row(1)], a, b, vs, kv.v_rs, c0),
+                        _ => pv::<1>([row(0)], a, b, vs, kv.v_rs, c0),
+                    }
+                }
+                i += h;
+            }
+            continue;
+        }
         for i in 0..rg.heads {
             let or = orow(i, r);
             let sr = &s[(i * rows + r) * kend..][..kend];
@@ -675,8 +716,15 @@ mod tests {
     /// a row of a longer causal prefill, or next to other queries, and whether its keys are one run or many.
     #[test]
     fn rows_do_not_depend_on_the_batch() {
+        // query heads per KV head 2, 3, 1 and 5; D with a tail, and multiples of 64 (the grouped value path)
+        for (h, hkv, d) in [(4, 2, 72), (6, 2, 64), (3, 3, 128), (5, 1, 64)] {
+            rows_do_not_depend_on_the_batch_for(h, hkv, d);
+        }
+    }
+
+    fn rows_do_not_depend_on_the_batch_for(h: usize, hkv: usize, d: usize) {
         let dev = Device::Cpu;
-        let (h, hkv, t, d) = (4, 2, 150, 72);
+        let t = 150;
         let q = Tensor::randn(0f32, 1.0, (1, h, t, d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (1, hkv, t, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, hkv, t, d), &dev).unwrap();
