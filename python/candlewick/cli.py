@@ -297,39 +297,40 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 _SIZE_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def _bytes(spec: str, flag: str) -> int:
-    """A size on the command line: a count of bytes ("1048576") or with a unit ("32MiB", "1GB")."""
+def _with_unit(spec: str) -> float | None:
+    """Bytes of a size given with a unit ("32MiB", "1.5GB"); None when it has no unit or no number before it."""
     s = spec.strip().upper()
     for unit, scale in sorted(_SIZE_UNITS.items(), key=lambda u: -len(u[0])):
         if s.endswith(unit):
             try:
-                return int(float(s[: -len(unit)]) * scale)
+                return float(s[: -len(unit)]) * scale
             except ValueError:
-                break
-    else:
-        if s.isdigit():
-            return int(s)
-    raise InvalidArgument(f"{flag} {spec!r}: give a number of bytes (1048576) or a size (32MiB, 1GB)")
+                return None
+    return None
+
+
+def _bytes(spec: str, flag: str) -> int:
+    """A size on the command line: a count of bytes ("1048576") or with a unit ("32MiB", "1GB")."""
+    if spec.strip().isdigit():
+        return int(spec.strip())
+    size = _with_unit(spec)
+    if size is None:
+        raise InvalidArgument(f"{flag} {spec!r}: give a number of bytes (1048576) or a size (32MiB, 1GB)")
+    return int(size)
 
 
 def _kv_tokens(spec: str | None, model) -> int | None:
     """--kv-cache as positions: a count ("32768") or a size ("2GiB", "512MB") divided by what a position takes."""
     if spec is None:
         return None
-    s = spec.strip().upper()
-    for unit, scale in sorted(_SIZE_UNITS.items(), key=lambda u: -len(u[0])):
-        if s.endswith(unit):
-            try:
-                size = float(s[: -len(unit)]) * scale
-            except ValueError:
-                break
-            c = model.config
-            per = c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2 * (4 if c["device"] == "cpu" or c["dtype"] == "float32" else 2)
-            return max(int(size // per), 0)
-    else:
-        if s.isdigit():
-            return int(s)
-    raise InvalidArgument(f"--kv-cache {spec!r}: give a number of positions (32768) or a size (2GiB, 512MB)")
+    if spec.strip().isdigit():
+        return int(spec.strip())
+    size = _with_unit(spec)
+    if size is None:
+        raise InvalidArgument(f"--kv-cache {spec!r}: give a number of positions (32768) or a size (2GiB, 512MB)")
+    c = model.config
+    per = c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2 * (4 if c["device"] == "cpu" or c["dtype"] == "float32" else 2)
+    return max(int(size // per), 0)
 
 
 # -- bench ------------------------------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ fn paired<W: Elem>(k: usize) -> bool {
     false
 }
 
+/// The bits of values already rounded to bf16 (`round_bf16`), as the bf16 kernels take them.
+fn bf16_bits(x: &[f32]) -> Vec<u16> {
+    x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()
+}
+
 /// Where element (q, j) of a panel of nr columns sits in it.
 #[inline(always)]
 fn at(q: usize, j: usize, nr: usize, pairs: bool) -> usize {
@@ -291,7 +296,7 @@ pub(crate) fn matvec<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, 
     let per = panels_per_task(n_panels, PANEL * k * std::mem::size_of::<W>());
     let dst = SendPtr(out.as_mut_ptr());
     // bf16 panels in pairs: x as bf16 bits (already rounded by `matmul`), the products as prefill computes them
-    let xb: Option<Vec<u16>> = paired::<W>(k).then(|| x.iter().map(|v| (v.to_bits() >> 16) as u16).collect());
+    let xb = paired::<W>(k).then(|| bf16_bits(x));
     par_tasks(n_panels.div_ceil(per), |t| {
         let mut acc = [0f32; PANEL];
         for p in t * per..((t + 1) * per).min(n_panels) {
@@ -462,11 +467,6 @@ mod avx2 {
 pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
     assert!(x.len() == m * k && w.len() == n * k && bias.is_none_or(|b| b.len() == n));
     let mut out = vec![0f32; m * n];
-    if let Some(b) = bias {
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-    }
     let n_panels = n.div_ceil(PANEL);
     // blocks of at most 128 rows of x, smaller (down to 32) when there are too few panels to keep all threads busy
     let want_tasks = 8 * cpu::threads();
@@ -474,12 +474,9 @@ pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: us
     let rows = m.div_ceil(n_mc);
     let n_mc = m.div_ceil(rows);
     let dst = SendPtr(out.as_mut_ptr());
-    // bf16 weights on CPUs with bf16 dot products: x as bf16 pairs (already rounded by `matmul`)
+    // bf16 panels in pairs: x as bf16 bits (already rounded by `matmul`)
     #[cfg(target_arch = "x86_64")]
-    let xb: Option<Vec<u16>> = match W::bf16_bits(w) {
-        Some(_) if k.is_multiple_of(2) && cpu::has_bf16_dot() => Some(x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()),
-        _ => None,
-    };
+    let xb = paired::<W>(k).then(|| bf16_bits(x));
     // consecutive tasks share a panel (rayon hands each thread a contiguous range of tasks)
     par_tasks(n_panels * n_mc, |t| {
         let (p, c) = (t / n_mc, t % n_mc);
@@ -488,7 +485,13 @@ pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: us
         let panel = &w[r0 * k..(r0 + nr) * k];
         #[cfg(target_arch = "x86_64")]
         if let (Some(xb), Some(bits), true) = (&xb, W::bf16_bits(panel), nr == PANEL) {
-            // SAFETY: the CPU has AVX512-BF16 (`has_bf16_dot`); task t alone writes rows i0..i0+mr x columns
+            if let Some(b) = bias {
+                for i in i0..i0 + mr {
+                    // SAFETY: task t alone writes rows i0..i0+mr x columns r0..r0+64 of out (rows of n).
+                    unsafe { std::slice::from_raw_parts_mut(dst.get().add(i * n + r0), PANEL) }.copy_from_slice(&b[r0..r0 + PANEL]);
+                }
+            }
+            // SAFETY: the CPU has AVX512-BF16 (`paired`); task t alone writes rows i0..i0+mr x columns
             // r0..r0+64 of out, which has rows of n; xb is [m, k] with k even.
             unsafe { bf16x::panel_rows(&xb[i0 * k..(i0 + mr) * k], mr, k, bits, dst.get().add(i0 * n + r0), n, bias.is_some()) };
             return;
@@ -520,8 +523,12 @@ pub(crate) fn gemm_panels<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: us
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel_rows(x: &[f32], rows: usize, k: usize, panel: &[f32], nr: usize, out: *mut f32, os: usize, bias: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
-    if nr == PANEL && cpu::isa() >= cpu::Isa::Avx2 {
+    let tiled = nr == PANEL && cpu::isa() >= cpu::Isa::Avx2;
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiled = false;
+    if tiled {
         // SAFETY: the CPU has the level's instructions; the rest is the caller's.
+        #[cfg(target_arch = "x86_64")]
         unsafe {
             if cpu::isa() >= cpu::Isa::Avx512 {
                 rows512::panel_rows(x, rows, k, panel, out, os);
@@ -530,15 +537,6 @@ unsafe fn panel_rows(x: &[f32], rows: usize, k: usize, panel: &[f32], nr: usize,
             }
         }
     } else {
-        let mut acc = vec![0f32; nr];
-        for i in 0..rows {
-            panel_dot(&x[i * k..(i + 1) * k], panel, nr, &mut acc);
-            // SAFETY: row i of out has nr writable columns (the caller's).
-            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(i * os), nr) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
         let mut acc = vec![0f32; nr];
         for i in 0..rows {
             panel_dot(&x[i * k..(i + 1) * k], panel, nr, &mut acc);
@@ -622,11 +620,10 @@ mod bf16x {
     /// out[i][j] (+)= Σ_q x[i][q]·panel[q][j] for i < rows, j < 64; x [rows, k] bf16 bits, the panel stored in
     /// pairs of q ([k/2][64][2], as `pack` stores it), out rows `os` apart; `add`: out already holds the bias.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn panel_rows(x: &[u16], rows: usize, k: usize, panel: &[u16], out: *mut f32, os: usize, add: bool) {
-        // SAFETY: the caller guarantees AVX512-F and BF16, x [rows, k] and panel [k, 64] as asserted, and that out has rows·os elements with 64 columns writable in each row; tile reads and writes only inside those.
+    pub(super) unsafe fn panel_rows(x: &[u16], rows: usize, k: usize, pairs: &[u16], out: *mut f32, os: usize, add: bool) {
+        // SAFETY: the caller guarantees AVX512-F and BF16, x [rows, k] and pairs (a [k, 64] panel) as asserted, and that out has rows·os elements with 64 columns writable in each row; tile reads and writes only inside those.
         unsafe {
-            debug_assert!(k.is_multiple_of(2) && x.len() == rows * k && panel.len() == k * PANEL);
-            let pairs = panel;
+            debug_assert!(k.is_multiple_of(2) && x.len() == rows * k && pairs.len() == k * PANEL);
             let mut i = 0;
             while i + 6 <= rows {
                 tile::<6>(x[i * k..].as_ptr(), k, pairs, out.add(i * os), os, add);
