@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgument, ModelLoadError
+from .structured import CONSTRAINT_PARAMS, constraint_from
 from .tokenizer import Tokenizer
 
 Ids = Union[Sequence[int], np.ndarray]
@@ -107,9 +108,21 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None
+    json_schema: Any = None
+    regex: str | None = None
+    grammar: str | None = None
+    response_format: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+def _native_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword parameters as the extension takes them: json_schema / regex / grammar / response_format
+    become one ("constraint": (kind, text)), checked here (candlewick.structured)."""
+    out = {k: v for k, v in params.items() if k not in CONSTRAINT_PARAMS}
+    out["constraint"] = constraint_from(**{k: params.get(k) for k in CONSTRAINT_PARAMS})
+    return out
 
 
 class Model:
@@ -174,6 +187,10 @@ class Model:
         seed: int | None = None,
         n: int = 1,
         logprobs: int | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        response_format: Any = None,
         sampling_params: "SamplingParams | Sequence[SamplingParams] | None" = None,
     ) -> Completion | list[Completion]:
         """Continue `prompt` (text or token ids). A list of prompts runs as one batch and returns a list.
@@ -183,24 +200,35 @@ class Model:
         in one batch, each with its own parameters.
 
         temperature 0 is greedy; processors apply in the order penalties, logit_bias, temperature, top_k, top_p,
-        min_p (see candlewick.reference.generate). The same seed gives the same tokens alone, batched or streamed."""
+        min_p (see candlewick.reference.generate). The same seed gives the same tokens alone, batched or streamed.
+
+        Structured output (at most one of these): `json_schema` (a dict, its JSON text, or a pydantic model class),
+        `regex`, `grammar` (Lark, as llguidance reads it) or OpenAI's `response_format` ({"type": "json_object"}
+        or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}). Each step, tokens that would
+        leave the schema are masked out before sampling; a token the grammar forces is taken without sampling;
+        the text ends when the grammar is complete (finish_reason "stop"), and "length" says it was cut short.
+        An invalid schema or grammar is an InvalidArgument before any token is generated. docs/structured.md.
+
+            model.generate("A user:", json_schema={"type": "object", "properties": {"age": {"type": "integer"}},
+                                                   "required": ["age"]}, max_new_tokens=40)"""
         params = dict(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, logit_bias=logit_bias, stop=stop, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, seed=seed, n=n, logprobs=logprobs,
+            ignore_eos=ignore_eos, seed=seed, n=n, logprobs=logprobs, json_schema=json_schema, regex=regex,
+            grammar=grammar, response_format=response_format,
         )
         batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
             isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt
         )
         prompts = list(prompt) if batch else [prompt]
         ids = [self._prompt_ids(p, f"prompt {i}" if batch else "prompt") for i, p in enumerate(prompts)]
-        native_params: Any = params
+        native_params: Any = _native_params(params)
         if sampling_params is not None:
             if isinstance(sampling_params, SamplingParams):
-                native_params = sampling_params.as_dict()
+                native_params = _native_params(sampling_params.as_dict())
             else:
-                native_params = [sp.as_dict() for sp in sampling_params]
+                native_params = [_native_params(sp.as_dict()) for sp in sampling_params]
                 if len(native_params) != len(ids):
                     raise InvalidArgument(f"sampling_params: {len(native_params)} for {len(ids)} prompts; give one "
                                           "per prompt, or a single SamplingParams for all")
@@ -218,7 +246,7 @@ class Model:
             s.completion.choices[0].finish_reason   # "length" or "stop"
         """
         _check_params(params)
-        return TextStream(self._native.stream(self._prompt_ids(prompt), params))
+        return TextStream(self._native.stream(self._prompt_ids(prompt), _native_params(params)))
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Completion:
         """Render `messages` with the checkpoint's chat template (with the assistant prompt), then `generate`."""

@@ -23,6 +23,8 @@ pub struct GenParams {
     pub n: usize,
     /// Return the chosen token's log-probability and this many top alternatives (raw model distribution).
     pub logprobs: Option<usize>,
+    /// Constrain the output to a JSON schema, regex or grammar (crate::constraint).
+    pub grammar: Option<crate::constraint::Grammar>,
 }
 
 impl Default for GenParams {
@@ -36,6 +38,7 @@ impl Default for GenParams {
             seed: None,
             n: 1,
             logprobs: None,
+            grammar: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+pub mod constraint;
 pub mod device;
 pub mod error;
 pub mod generate;

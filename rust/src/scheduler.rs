@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::DType;
 
+use crate::constraint::{self, Constraint, Masked};
 use crate::error::{Error, Result};
 use crate::generate::{finalize_text, held_back, random_seed, stop_strings_hit, token_logprob, Finish, GenParams, TextState, TokenLogprob};
 use crate::model::Model;
@@ -122,6 +123,8 @@ struct Seq {
     /// tokens[..sent] went out in a delta already
     sent: usize,
     pending_logprobs: Vec<TokenLogprob>,
+    /// the grammar state of a constrained request (crate::constraint)
+    constraint: Option<Box<Constraint>>,
 }
 
 impl Seq {
@@ -152,7 +155,7 @@ impl Handle {
     /// Check a request and queue it for the next step; returns its id and the prompt as it will run (an empty
     /// prompt starts from BOS). `what` names the prompt in errors ("prompt", "prompt 3").
     pub fn add(&self, prompt: Vec<u32>, params: GenParams, what: &str) -> Result<(u64, Vec<u32>)> {
-        let (prompt, stops) = prepare(&self.model, prompt, &params, what)?;
+        let (prompt, stops, constraint) = prepare(&self.model, prompt, &params, what)?;
         let need = (prompt.len() + 1).div_ceil(self.block_size);
         if need > self.capacity_blocks {
             return Err(Error::arg(format!(
@@ -183,6 +186,7 @@ impl Handle {
             text: TextState::default(),
             sent: prompt.len(),
             pending_logprobs: vec![],
+            constraint,
             params: Arc::new(params),
             stops: Arc::new(stops),
         };
@@ -200,7 +204,6 @@ impl Handle {
     }
 }
 
-/// A request's prompt and stop ids, checked against the model.
 /// Stop strings per request, at most (OpenAI takes 4; agents send more).
 pub const MAX_STOP_STRINGS: usize = 64;
 /// Bytes per stop string, at most.
@@ -210,7 +213,10 @@ pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 /// logit_bias entries per request, at most (OpenAI documents 300; vLLM and llama.cpp set none).
 pub const MAX_LOGIT_BIAS: usize = 2048;
 
-pub(crate) fn prepare(model: &Model, prompt: Vec<u32>, params: &GenParams, what: &str) -> Result<(Vec<u32>, HashSet<u32>)> {
+/// A request's prompt, stop ids and compiled grammar, checked against the model.
+pub(crate) type Prepared = (Vec<u32>, HashSet<u32>, Option<Box<Constraint>>);
+
+pub(crate) fn prepare(model: &Model, prompt: Vec<u32>, params: &GenParams, what: &str) -> Result<Prepared> {
     let cfg = &model.cfg;
     if !model.is_decoder() {
         return Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation"));
@@ -268,7 +274,14 @@ pub(crate) fn prepare(model: &Model, prompt: Vec<u32>, params: &GenParams, what:
             stops.extend(t.eos_token_ids.iter().copied());
         }
     }
-    Ok((prompt, stops))
+    let constraint = match &params.grammar {
+        None => None,
+        Some(g) => {
+            let t = tok.ok_or_else(|| Error::arg(format!("{} needs a tokenizer; this checkpoint has none", g.name())))?;
+            Some(Box::new(Constraint::new(&*t.grammar_factory(cfg.vocab_size)?, g)?))
+        }
+    };
+    Ok((prompt, stops, constraint))
 }
 
 /// Counters since the scheduler started.
@@ -572,7 +585,7 @@ impl Scheduler {
         let mut running = std::mem::take(&mut self.running);
         // Every sequence draws its token from its own logits and random stream, all at once on the threads (a
         // top-p draw sorts part of the vocabulary: the sequences' draws together rival the forward pass)
-        let mut drawn: Vec<Option<Drawn>> = {
+        let mut drawn: Vec<Option<Result<Drawn>>> = {
             let mut jobs: Vec<(usize, &mut Seq)> = vec![];
             let mut by_row: Vec<Option<usize>> = vec![None; running.len()];
             for (pi, &(i, _)) in plan.iter().enumerate() {
@@ -583,8 +596,9 @@ impl Scheduler {
                     jobs.push((r, s));
                 }
             }
-            let mut d: Vec<Option<Drawn>> = (0..logits.len()).map(|_| None).collect();
-            let results: Vec<(usize, Drawn)> = jobs.into_par_iter().map(|(r, s)| (r, draw_token(s, &logits[r]))).collect();
+            let mut d: Vec<Option<Result<Drawn>>> = (0..logits.len()).map(|_| None).collect();
+            let results: Vec<(usize, Result<Drawn>)> =
+                jobs.into_par_iter().map(|(r, s)| (r, draw_token(s, &logits[r]))).collect();
             for (r, t) in results {
                 d[r] = Some(t);
             }
@@ -599,7 +613,7 @@ impl Scheduler {
                     if s.fork > 0 {
                         forks.extend(self.fork(s, &logits[r], &mut out)?);
                     }
-                    let t = drawn[r].take().expect("every row of logits is drawn from");
+                    let t = drawn[r].take().expect("every row of logits is drawn from")?;
                     self.take_token(s, t)?;
                     out.push(self.delta(s));
                 }
@@ -673,6 +687,7 @@ impl Scheduler {
                 text: TextState::default(),
                 sent: s.sent,
                 pending_logprobs: vec![],
+                constraint: s.constraint.clone(),
             };
             for &b in &k.blocks {
                 self.pool.retain(b);
@@ -695,7 +710,7 @@ impl Scheduler {
     }
 
     fn sample(&mut self, s: &mut Seq, logits: &[f32]) -> Result<()> {
-        let t = draw_token(s, logits);
+        let t = draw_token(s, logits)?;
         self.take_token(s, t)
     }
 
@@ -708,6 +723,13 @@ impl Scheduler {
         s.tokens.push(token);
         s.hist.push(token);
         self.counters.generated_tokens += 1;
+        let grammar_done = match s.constraint.as_mut() {
+            Some(c) => {
+                c.consume(token)?;
+                c.is_stopped()
+            }
+            None => false,
+        };
         if s.stops.contains(&token) {
             s.text.finish = Some(Finish::Stop);
         } else {
@@ -717,6 +739,9 @@ impl Scheduler {
                     s.text.text.push_str(&piece);
                     stop_strings_hit(&mut s.text, &p.stop, before);
                 }
+            }
+            if s.text.finish.is_none() && grammar_done {
+                s.text.finish = Some(Finish::Stop);
             }
             if s.text.finish.is_none() && s.generated() >= s.cap {
                 s.text.finish = Some(Finish::Length);
@@ -765,8 +790,16 @@ impl Scheduler {
 /// A sequence's next token, and its logprob entry when asked for.
 type Drawn = (u32, Option<TokenLogprob>);
 
-/// Draw the next token of `s` from its logits (advancing its random stream): thread-safe per sequence.
-fn draw_token(s: &mut Seq, logits: &[f32]) -> Drawn {
-    let token = next_token(logits, &s.hist, &s.params.sampling, &mut s.rng);
-    (token, s.params.logprobs.map(|k| token_logprob(logits, token, k)))
+/// Draw the next token of `s` from its logits (advancing its random stream): thread-safe per sequence. A
+/// constrained sequence draws from its grammar's mask, or takes the one token the grammar allows without a
+/// draw (crate::constraint); the grammar takes the token in `take_token`.
+fn draw_token(s: &mut Seq, logits: &[f32]) -> Result<Drawn> {
+    let token = match s.constraint.as_mut() {
+        None => next_token(logits, &s.hist, &s.params.sampling, &mut s.rng),
+        Some(c) => match constraint::apply(&c.mask()?, logits)? {
+            Masked::Forced(t) => t,
+            Masked::Logits(x) => next_token(&x, &s.hist, &s.params.sampling, &mut s.rng),
+        },
+    };
+    Ok((token, s.params.logprobs.map(|k| token_logprob(logits, token, k))))
 }

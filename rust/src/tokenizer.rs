@@ -25,6 +25,8 @@ pub struct Tokenizer {
     pub chat_template: Option<String>,
     /// bos_token, eos_token, unk_token, pad_token, ... as strings: the names chat templates use.
     pub special_tokens: BTreeMap<String, String>,
+    /// llguidance's compiler for this vocabulary, built on the first constrained request (crate::constraint)
+    grammar: std::sync::OnceLock<std::result::Result<std::sync::Arc<llguidance::ParserFactory>, String>>,
 }
 
 const SPECIAL_NAMES: [&str; 7] =
@@ -167,6 +169,7 @@ impl Tokenizer {
             eos_token_ids,
             chat_template,
             special_tokens,
+            grammar: std::sync::OnceLock::new(),
         })
     }
 
@@ -226,6 +229,24 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| Error::tok(format!("cannot decode: {e}")))
+    }
+
+    /// The grammar compiler for this vocabulary padded to `n_vocab` ids (the model's), built once.
+    pub fn grammar_factory(&self, n_vocab: usize) -> Result<std::sync::Arc<llguidance::ParserFactory>> {
+        self.grammar
+            .get_or_init(|| {
+                let spec: Value = serde_json::from_str(&self.inner.to_string(false).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+                let bytes = crate::constraint::token_bytes(&spec, n_vocab).map_err(|e| e.to_string())?;
+                let (inner, encoder) = (self.inner.clone(), self.encoder.clone());
+                let encode = Box::new(move |s: &str| match &encoder {
+                    Some(e) => e.encode(s, false).unwrap_or_default(),
+                    None => inner.encode(s, false).map(|e| e.get_ids().to_vec()).unwrap_or_default(),
+                });
+                crate::constraint::factory(&bytes, &self.eos_token_ids, encode).map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::arg)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -24,6 +24,10 @@ Drawing a token (inverse CDF, one uniform number per token): u = rng.random() fr
 numpy Generator; the token is the first id i with cumsum(probs)[i] > u * cumsum(probs)[-1].
 Generation stops after max_new_tokens, or when it produces a token of stop_token_ids, or an EOS token (unless
 ignore_eos); that last token is kept in the returned ids.
+
+A grammar constraint (candlewick.reference.constraints) comes before all of this: the logits of tokens its mask
+excludes become -inf before step 1; when the mask holds a single token, that token is taken without sampling
+(and no random number is drawn); generation also stops once the grammar can take no more.
 """
 from __future__ import annotations
 
@@ -166,9 +170,10 @@ def sample(probs, rng: np.random.Generator) -> int:
 
 
 def generate(next_logits: Callable[[list[int]], np.ndarray], prompt_ids, *, eos_token_ids=(), rng=None,
-             max_context: int | None = None, **params) -> list[int]:
+             max_context: int | None = None, constraint=None, **params) -> list[int]:
     """Extend `prompt_ids` one token at a time; `next_logits(ids)` gives the logits [V] after ids.
-    Returns the generated ids (a final stop / EOS token included). Stops early at max_context tokens in all."""
+    Returns the generated ids (a final stop / EOS token included). Stops early at max_context tokens in all.
+    constraint: a GrammarConstraint (mask / consume / is_stopped) the output must follow."""
     sp = SamplingParams(**params)
     processing = {name: getattr(sp, name) for name in PROCESSING}
     if sp.temperature > 0 and rng is None:
@@ -179,11 +184,25 @@ def generate(next_logits: Callable[[list[int]], np.ndarray], prompt_ids, *, eos_
         if max_context is not None and len(prompt) + len(generated) >= max_context:
             break
         logits = next_logits(prompt + generated)
+        if constraint is not None:
+            allowed = constraint.mask()
+            if allowed.sum() == 1:                      # the grammar forces this token: nothing to sample
+                token = int(np.flatnonzero(allowed)[0])
+                generated.append(token)
+                constraint.consume(token)
+                if token in stops or constraint.is_stopped():
+                    break
+                continue
+            logits = np.where(allowed, np.asarray(logits, dtype=np.float64), -np.inf)
         if sp.temperature == 0:
             token = int(np.argmax(process_logits(logits, prompt_ids=prompt, generated_ids=generated, **processing)))
         else:
             token = sample(sampling_probs(logits, prompt_ids=prompt, generated_ids=generated, **processing), rng)
         generated.append(token)
+        if constraint is not None:
+            constraint.consume(token)
+            if constraint.is_stopped():
+                break
         if token in stops:
             break
     return generated

@@ -11,6 +11,7 @@ use pyo3::types::{PyDict, PyList};
 use super::model::PyModel;
 use super::PyResultExt;
 use super::errors::detach;
+use crate::constraint::Grammar;
 use crate::error::Error;
 use crate::generate::{Completion, GenParams, Generation};
 use crate::sampling::{sampling_probs, History, Rng, LogitsParams};
@@ -103,6 +104,25 @@ pub(crate) fn params_from(d: &Bound<'_, PyDict>) -> PyResult<GenParams> {
         seed: seed.map(|s| s as u64),
         n: n as usize,
         logprobs: logprobs.map(|l| l as usize),
+        grammar: grammar_from(d)?,
+    })
+}
+
+/// `constraint`: (kind, text) as candlewick.structured.constraint_from gives it.
+fn grammar_from(d: &Bound<'_, PyDict>) -> PyResult<Option<Grammar>> {
+    let c: Option<(String, String)> = get(d, "constraint", None)?;
+    Ok(match c {
+        None => None,
+        Some((kind, text)) => Some(match kind.as_str() {
+            "json_schema" => Grammar::JsonSchema(text),
+            "regex" => Grammar::Regex(text),
+            "grammar" => Grammar::Lark(text),
+            other => {
+                return Err(super::errors::to_py(Error::arg(format!(
+                    "constraint: unknown kind {other:?} (json_schema, regex or grammar)"
+                ))))
+            }
+        }),
     })
 }
 

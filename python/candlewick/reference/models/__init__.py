@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import structured
+from .. import constraints
 from .. import generate as generation
 from ..functional import cross_entropy
 from ...windows import perplexity_windows
@@ -164,11 +166,20 @@ class CausalLM:
             total, count = total + new.sum(), count + len(new)
         return math.exp(total / count)
 
-    def generate(self, prompt, *, rng: np.random.Generator | None = None, **params) -> list[int]:
+    def generate(self, prompt, *, rng: np.random.Generator | None = None, json_schema=None, regex=None,
+                 grammar=None, response_format=None, **params) -> list[int]:
         """The new token ids after `prompt` (text or ids); parameters and their order as in reference.generate.
-        temperature 0 is greedy; sampling draws from `rng`, e.g. np.random.default_rng(seed)."""
+        temperature 0 is greedy; sampling draws from `rng`, e.g. np.random.default_rng(seed). json_schema,
+        regex, grammar or response_format constrain the output (candlewick.structured, reference.constraints)."""
+        spec = structured.constraint_from(json_schema=json_schema, regex=regex, grammar=grammar,
+                                          response_format=response_format)
+        constraint = None
+        if spec is not None:
+            if getattr(self, "_vocabulary", None) is None:
+                self._vocabulary = constraints.Vocabulary(self.tokenizer, self.config.vocab_size)
+            constraint = constraints.GrammarConstraint(self._vocabulary, *spec)
         return generation.generate(self.next_logits, self._ids(prompt), eos_token_ids=self.tokenizer.eos_token_ids,
-                                   rng=rng, max_context=self.config.context_length, **params)
+                                   rng=rng, max_context=self.config.context_length, constraint=constraint, **params)
 
     def embed(self, texts):
         raise TypeError(f"{self.config.architecture} is a causal language model; embed needs an encoder (BERT)")
