@@ -68,12 +68,36 @@ def schema_of_response_format(rf: Any) -> Any | None:
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+# An integer without bounds gets these: the integers every JSON parser reads exactly (JavaScript's safe
+# integers). Without them a model may write digits until max_new_tokens; llama.cpp's grammars likewise allow
+# 16 digits at most.
+SAFE_INTEGER = 2**53 - 1
+
+
+def bound_integers(schema: Any) -> Any:
+    """A copy of `schema` whose integer types without a lower or upper bound get +-SAFE_INTEGER there."""
+    if isinstance(schema, list):
+        return [bound_integers(x) for x in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: (v if k in ("enum", "const", "default", "examples") else bound_integers(v)) for k, v in schema.items()}
+    types = out.get("type")
+    if types == "integer" or (isinstance(types, list) and types == ["integer"]):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+    return out
+
+
 def with_layout(schema: Any) -> Any:
-    """`schema` with JSON_LAYOUT as its "x-guidance" options (unless it has its own); `true` becomes {}."""
+    """`schema` as the engine compiles it: JSON_LAYOUT as its "x-guidance" options (unless it has its own),
+    integers bounded (bound_integers); `true` becomes {}."""
     if schema is True:
         schema = {}
     if schema is False:
         raise InvalidArgument("json_schema is false: no output can satisfy it")
+    schema = bound_integers(schema)
     if "x-guidance" in schema:
         return schema
     return {**schema, "x-guidance": JSON_LAYOUT}
@@ -103,4 +127,4 @@ def constraint_from(*, json_schema: Any = None, regex: str | None = None, gramma
 
 CONSTRAINT_PARAMS = ("json_schema", "regex", "grammar", "response_format")
 
-__all__ = ["constraint_from", "schema_of", "with_layout", "JSON_LAYOUT", "schema_of_response_format", "CONSTRAINT_PARAMS", "ANY_JSON_OBJECT"]
+__all__ = ["constraint_from", "schema_of", "with_layout", "bound_integers", "JSON_LAYOUT", "SAFE_INTEGER", "schema_of_response_format", "CONSTRAINT_PARAMS", "ANY_JSON_OBJECT"]

@@ -26,7 +26,9 @@ from sse_starlette import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
+from ..errors import InvalidArgument
 from ..model import Completion, Model
+from ..tools import CallParser, ToolPlan, parse_reply, tool_plan
 from .errors import APIError, BodyLimit, as_api_error, install
 from .metrics import Metrics
 from .scheduler import Scheduler, Submitted, completion, pieces
@@ -134,11 +136,29 @@ class Engine:
                            param=param, code="context_length_exceeded")
         return ids
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if self.model.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it has no chat template", param="messages")
-        ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       **({"tools": tools} if tools else {}))
         return self.check_length(ids, "messages")
+
+    def tool_plan(self, messages: list[dict], body: ChatCompletionRequest) -> ToolPlan | None:
+        """How the request's tools and tool_choice run (candlewick.tools); None for a request without tools."""
+        if not body.tools and body.tool_choice in (None, "none"):
+            return None
+        tok = self.model.tokenizer
+        if tok is None or tok.chat_template is None:
+            raise APIError(400, "this model has no chat template, so it cannot take tools", param="tools")
+        try:
+            plan = tool_plan(messages, body.tools, body.tool_choice, body.parallel_tool_calls, tok.chat_template)
+        except InvalidArgument as e:
+            raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
+        rf = body.response_format or {}
+        if plan.parse and rf.get("type", "text") != "text":
+            raise APIError(400, "response_format and tools cannot be used together (set tool_choice \"none\" to "
+                                "answer in the format)", param="response_format")
+        return plan
 
     def token_text(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and its bytes (a byte-level BPE token may hold part of a UTF-8 character)."""
@@ -197,6 +217,36 @@ def chat_logprobs(engine: Engine, logprobs) -> dict:
             top.append({"token": ttext, "logprob": v, "bytes": traw})
         content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
     return {"content": content}
+
+
+class _Reader:
+    """A streamed reply as chat deltas: {"content": ...} pieces, and with tools, {"tool_calls": [...]} for each
+    call once it is complete (candlewick.tools.CallParser holds back text that may begin a call)."""
+
+    def __init__(self, plan: ToolPlan | None):
+        self.parser = CallParser(plan.names) if plan is not None and plan.parse else None
+        self.calls = 0
+
+    def _deltas(self, events) -> list[dict]:
+        out = []
+        for kind, value in events:
+            if kind == "content":
+                out.append({"content": value})
+            else:
+                out.append({"tool_calls": [{"index": self.calls, **value}]})
+                self.calls += 1
+        return out
+
+    def feed(self, text: str) -> list[dict]:
+        if self.parser is None:
+            return [{"content": text}] if text else []
+        return self._deltas(self.parser.feed(text))
+
+    def finish(self) -> list[dict]:
+        return self._deltas(self.parser.finish()) if self.parser is not None else []
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self.calls and reason == "stop" else reason
 
 
 # -- streaming ------------------------------------------------------------------------------------------------------
@@ -321,7 +371,8 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported", param="echo")
         params = sampling(body)
-        params.update(max_new_tokens=body.max_tokens or 16, logprobs=body.logprobs)
+        params.update(max_new_tokens=body.max_tokens or 16, logprobs=body.logprobs,
+                      response_format=body.response_format)
         rid, now = f"cmpl-{uuid.uuid4().hex}", _now()
 
         def chunk(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
@@ -395,17 +446,19 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
     async def chat_completions(body: ChatCompletionRequest):
         check_model(body.model)
         check_generative()
-        if body.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         params = sampling(body)
         # no max_tokens: until the end of the turn or the end of the context
         params.update(max_new_tokens=body.max_completion_tokens or body.max_tokens or engine.context_length,
-                      logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+                      logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                      response_format=body.response_format)
         messages = [m.for_template() for m in body.messages]
+        plan = engine.tool_plan(messages, body)
+        if plan is not None:
+            messages = plan.messages
+            if plan.grammar is not None:
+                params["grammar"] = plan.grammar
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", _now()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -414,7 +467,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
                     "system_fingerprint": None,
                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-        ids = await engine.run(engine.chat_ids, messages)
+        ids = await engine.run(engine.chat_ids, messages, plan.template_tools if plan else None)
         subs = engine.submit([ids], params)
         if body.stream and body.n == 1 and not body.logprobs:
             sub = subs[0]
@@ -423,12 +476,15 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
                 try:
                     yield _event(chunk(0, {"role": "assistant", "content": ""}, None))
                     generated = 0
+                    reader = _Reader(plan)
                     async for p in pieces(sub):
                         generated += len(p.token_ids)
-                        if p.text:
-                            yield _event(chunk(0, {"content": p.text}, None))
+                        for delta in reader.feed(p.text):
+                            yield _event(chunk(0, delta, None))
                         if p.finish_reason is not None:
-                            yield _event(chunk(0, {}, p.finish_reason))
+                            for delta in reader.finish():
+                                yield _event(chunk(0, delta, None))
+                            yield _event(chunk(0, {}, reader.finish_reason(p.finish_reason)))
                     if include_usage:
                         yield _event(_usage_chunk(rid, "chat.completion.chunk", now, model_id,
                                                   _Usage(len(sub.prompt_ids), generated)))
@@ -444,19 +500,35 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
             async def replay():
                 for ch in result.choices:
                     yield _event(chunk(ch.index, {"role": "assistant", "content": ""}, None))
+                    reader = _Reader(plan)
                     for k, piece in enumerate(_pieces(engine, ch.token_ids, ch.text)):
                         lp = chat_logprobs(engine, ch.logprobs[k:k + 1]) if ch.logprobs is not None else None
-                        yield _event(chunk(ch.index, {"content": piece}, None, lp))
-                    yield _event(chunk(ch.index, {}, ch.finish_reason))
+                        deltas = reader.feed(piece)
+                        if lp is not None and not deltas:
+                            deltas = [{"content": ""}]   # a token held back still reports its logprob
+                        for j, delta in enumerate(deltas):
+                            yield _event(chunk(ch.index, delta, None, lp if j == 0 else None))
+                    for delta in reader.finish():
+                        yield _event(chunk(ch.index, delta, None))
+                    yield _event(chunk(ch.index, {}, reader.finish_reason(ch.finish_reason)))
                 if include_usage:
                     yield _event(_usage_chunk(rid, "chat.completion.chunk", now, model_id, result.usage))
                 yield {"data": "[DONE]"}
 
             return EventSourceResponse(replay())
 
-        choices = [{"index": ch.index, "message": {"role": "assistant", "content": ch.text},
-                    "logprobs": chat_logprobs(engine, ch.logprobs) if ch.logprobs is not None else None,
-                    "finish_reason": ch.finish_reason} for ch in result.choices]
+        choices = []
+        for ch in result.choices:
+            message: dict[str, Any] = {"role": "assistant", "content": ch.text}
+            finish = ch.finish_reason
+            if plan is not None and plan.parse:
+                content, calls = parse_reply(ch.text, plan.names)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": ch.index, "message": message,
+                            "logprobs": chat_logprobs(engine, ch.logprobs) if ch.logprobs is not None else None,
+                            "finish_reason": finish})
         u = result.usage
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_id, "choices": choices,
                 "usage": _usage(u.prompt_tokens, u.completion_tokens), "system_fingerprint": None}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _native
-from ..model import Completion, Model
+from ..model import Completion, Model, _native_params
 from .errors import APIError
 from .metrics import Metrics
 
@@ -70,7 +70,7 @@ class Scheduler:
                 raise APIError(429, f"The server is busy: {len(self._requests)} requests are in flight, at most "
                                     f"{self.max_in_flight}. Retry shortly.", code="rate_limit_exceeded",
                                headers={"Retry-After": "1"})
-            rid, ids = self.native.add(prompt_ids, params, what)
+            rid, ids = self.native.add(prompt_ids, _native_params(params), what)
             n = int(params.get("n") or 1)
             sub = Submitted(rid, ids, n, asyncio.Queue(), asyncio.get_running_loop(),
                             want_logprobs=params.get("logprobs") is not None, left=n)

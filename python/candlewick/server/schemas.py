@@ -1,7 +1,8 @@
 """The request bodies of the OpenAI-compatible API, as pydantic models (unknown fields are ignored, types strict).
 
 Besides OpenAI's fields, the vLLM-style extensions top_k, min_p, repetition_penalty, ignore_eos and stop_token_ids
-are accepted, with the same meaning as in `Model.generate`.
+are accepted, with the same meaning as in `Model.generate`, and /v1/completions takes `response_format` as chat
+does (as vLLM does).
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ class _Sampling(_Body):
 
 # Messages per chat request, at most.
 MAX_MESSAGES = 4096
+# Tools per chat request, at most (OpenAI's limit).
+MAX_TOOLS = 128
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 
@@ -72,6 +75,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: Union[int, None] = Field(None, ge=1)
     suffix: Union[str, None] = None
+    response_format: Union[dict[str, Any], None] = None
 
 
 class TextPart(_Body):
@@ -98,7 +102,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Union[int, None] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Union[int, None] = Field(None, ge=0, le=20)
-    tools: Union[list[Any], None] = None
+    tools: Union[list[Any], None] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
     response_format: Union[dict[str, Any], None] = None
 
 
