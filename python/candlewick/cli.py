@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .errors import CandlewickError, InvalidArgument
@@ -54,12 +55,24 @@ def _progress(**kwargs):
     return tqdm(file=sys.stderr, disable=None, leave=False, **kwargs)
 
 
+def _text_or_file(value: str | None, what: str) -> str | None:
+    """An option that takes text or @PATH (the text of a file)."""
+    if value is None or not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidArgument(f"{what}: cannot read {path}: {e.strerror}") from None
+
+
 def _gen_params(args: argparse.Namespace, max_new_tokens: int) -> dict[str, Any]:
     return dict(
         max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, stop=args.stop or None, ignore_eos=args.ignore_eos,
-        seed=args.seed,
+        seed=args.seed, json_schema=_text_or_file(args.json_schema, "--json-schema"), regex=args.regex,
+        grammar=_text_or_file(args.grammar, "--grammar"),
     )
 
 
@@ -491,6 +504,12 @@ def _sampling_options(max_tokens: int | None, max_help: str) -> argparse.Argumen
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop at TEXT (repeatable; not printed)")
     g.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
     g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
+    g = p.add_argument_group("structured output (one at most; docs/structured.md)")
+    g.add_argument("--json-schema", metavar="SCHEMA", default=None,
+                   help="the output is JSON valid under SCHEMA: JSON text, or @FILE; '{\"type\": \"object\"}' is "
+                        "any JSON object")
+    g.add_argument("--regex", metavar="REGEX", default=None, help="the output matches REGEX as a whole")
+    g.add_argument("--grammar", metavar="LARK", default=None, help="the output follows a Lark grammar: text or @FILE")
     return p
 
 

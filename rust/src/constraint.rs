@@ -11,6 +11,7 @@
 //!   2. if M holds one token, that token is taken: nothing is sampled and no random number is drawn;
 //!   3. otherwise the logits outside M become -inf, then the usual steps 1-7 of `sampling` pick the token;
 //!   4. the grammar takes the token; once it can take nothing more, the sequence ends (finish "stop").
+//!
 //! Logprobs stay those of the raw model distribution, as without a constraint.
 
 use std::sync::Arc;
@@ -177,10 +178,13 @@ fn piece_bytes(piece: &str, how: &Decoding, chars: &std::collections::HashMap<ch
     }
 }
 
+/// The vocabulary's tokenizer, for text a grammar spells out.
+pub type Encode = Box<dyn Fn(&str) -> Vec<u32> + Send + Sync>;
+
 /// llguidance's view of a vocabulary: the trie, and the tokenizer for the text a grammar forces.
 struct Env {
     trie: TokTrie,
-    encode: Box<dyn Fn(&str) -> Vec<u32> + Send + Sync>,
+    encode: Encode,
 }
 
 impl TokenizerEnv for Env {
@@ -198,7 +202,7 @@ impl TokenizerEnv for Env {
 pub fn factory(
     token_bytes: &[Vec<u8>],
     eos: &[u32],
-    encode: Box<dyn Fn(&str) -> Vec<u32> + Send + Sync>,
+    encode: Encode,
 ) -> Result<Arc<ParserFactory>> {
     let Some(&first) = eos.first() else {
         return Err(Error::arg("constrained decoding needs an EOS token, and this tokenizer names none"));
