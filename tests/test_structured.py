@@ -230,3 +230,29 @@ def test_lark_grammar_with_embedded_json(llama):
         assert c.finish_reason == "stop", c.text
         m = re.fullmatch(r"call ([a-z]{1,6}) (.*)", c.text, re.S)
         assert m and 0 <= json.loads(m.group(2))["n"] <= 9
+
+
+def test_sentencepiece_gguf_vocabulary(tmp_path):
+    """A GGUF with a SentencePiece vocabulary (▁ for spaces, <0xXX> byte tokens; tokenizer.ggml.model "llama"):
+    sampled text matches regexes with spaces and characters only byte fallback spells, and JSON validates."""
+    from gguf_util import write_llama_gguf
+
+    spm = json.loads((DATA / "spm-llamacpp.json").read_text())
+    model = cw.load(write_llama_gguf(DATA / "llama-tiny", tmp_path / "spm.gguf", spm=spm))
+    pattern = "[a-z]{1,6}( [a-z]{1,6}){1,3}( (é|ß|€|日本)){0,2}"
+    for c in samples(model, "Words:", 12, regex=pattern, max_new_tokens=80):
+        assert c.finish_reason == "stop" and re.fullmatch(pattern, c.text), c.text
+    for c in samples(model, "Data:", 8, json_schema=PERSON, max_new_tokens=200):
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), PERSON)
+    assert any("€" in c.text or "é" in c.text or "ß" in c.text or "日本" in c.text
+               for c in samples(model, "Words:", 12, regex=pattern, max_new_tokens=80))
+
+
+def test_a_wordpiece_vocabulary_is_refused_by_name():
+    tok = json.loads((DATA / "minilm-reference" / "tokenizer.json").read_text()) \
+        if (DATA / "minilm-reference" / "tokenizer.json").exists() else None
+    spec = tok or {"decoder": {"type": "WordPiece"}, "model": {"vocab": {"a": 0}}}
+    with pytest.raises(ValueError, match="needs a byte-level BPE or SentencePiece vocabulary; this tokenizer's "
+                                         "decoder is WordPiece"):
+        rc.token_bytes(spec, 10)

@@ -192,8 +192,16 @@ impl TokenizerEnv for Env {
         &self.trie
     }
 
+    /// Tokens that spell exactly `s` (llguidance takes them as the tokens a forced text starts with). The
+    /// tokenizer's own tokens where they spell it; otherwise the trie's longest-match tokens. (A SentencePiece
+    /// encoder puts a ▁ in front of the text, which would force a space the grammar never asked for.)
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.trie.tokenize_with_greedy_fallback(s, |s| (self.encode)(s))
+        let toks = self.trie.tokenize_with_greedy_fallback(s, |s| (self.encode)(s));
+        if self.trie.decode_raw(&toks) == s {
+            toks
+        } else {
+            self.trie.greedy_tokenize(s)
+        }
     }
 }
 
@@ -318,3 +326,4 @@ mod fixture_tests {
         assert!(m.num_set() < 100);
     }
 }
+

@@ -98,11 +98,35 @@ class Vocabulary:
                 self.tokens = tokens
 
             def __call__(self, text):
-                text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-                return tokenizer.encode(text, add_special_tokens=False)
+                """Tokens that spell exactly `text`: the tokenizer's where they do, else the longest-match
+                tokens (a SentencePiece encoder puts a ▁ in front of the text, a space nobody asked for)."""
+                raw = text if isinstance(text, bytes) else text.encode()
+                ids = tokenizer.encode(raw.decode("utf-8", "replace"), add_special_tokens=False)
+                if b"".join(tokens[i] for i in ids) == raw:
+                    return ids
+                return _longest_match(raw, tokens, special)
 
         self.llg = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped()), eos_token=eos)
         self.n_vocab = n_vocab
+
+
+def _longest_match(raw: bytes, tokens: list[bytes], special: set[int]) -> list[int]:
+    """`raw` cut greedily into the longest ordinary tokens (every byte has one in these vocabularies)."""
+    by_bytes = {}
+    for i, b in enumerate(tokens):
+        if b and i not in special:
+            by_bytes.setdefault(b, i)
+    longest = max(map(len, by_bytes))
+    out, pos = [], 0
+    while pos < len(raw):
+        for n in range(min(longest, len(raw) - pos), 0, -1):
+            if raw[pos:pos + n] in by_bytes:
+                out.append(by_bytes[raw[pos:pos + n]])
+                pos += n
+                break
+        else:
+            raise ValueError(f"grammar: no token spells byte {raw[pos]:#04x}")
+    return out
 
 
 def grammar_text(kind: str, text: str) -> str:
