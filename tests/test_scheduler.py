@@ -118,3 +118,63 @@ def test_bad_requests_are_refused_by_name(llama):
     with pytest.raises(cw.InvalidArgument, match="max_batch_tokens"):
         _native.Engine(llama._native, max_batch_tokens=0)
     assert not engine.has_work()
+
+
+def test_a_failing_sequence_fails_alone(tmp_path):
+    """A sequence whose text cannot be made (here: an id past the tokenizer, in an embedding padded by 8 rows,
+    pushed by logit_bias) ends with an error on its own delta; the rest of the batch goes on and gets its solo
+    result. Generate, which returns one result, raises it naming the prompt."""
+    import numpy as np
+    from conftest import copy_checkpoint
+
+    def pad(w):
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            if k in w:
+                w[k] = np.concatenate([w[k], np.zeros((8, w[k].shape[1]), w[k].dtype)])
+        return w
+
+    folder = copy_checkpoint(DATA / "llama-tiny", tmp_path / "padded",
+                             config_edit=lambda c: c.update(vocab_size=c["vocab_size"] + 8), weight_edit=pad)
+    model = cw.load(folder)
+    bad = model.config["vocab_size"] - 1
+    engine = _native.Engine(model._native, kv_cache_tokens=4096, max_batch_tokens=512, max_seqs=8)
+    good = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    a, _ = engine.add([5, 6, 7], {**good, "logit_bias": {bad: 100.0}})
+    b, _ = engine.add([5, 6, 7, 8], good)
+    errors, tokens = {}, {a: [], b: []}
+    while engine.has_work():
+        for rid, choice, text, toks, lps, finish, prompt_tokens, cached, error in engine.step():
+            tokens[rid] += toks
+            if error is not None:
+                errors[rid] = error
+    assert set(errors) == {a} and f"token id {bad}" in errors[a]
+    assert tokens[b] == model.generate([5, 6, 7, 8], **good).choices[0].token_ids
+    with pytest.raises(cw.CandlewickError, match=f"prompt 0: .*token id {bad}"):
+        model.generate([[5, 6, 7], [5, 6, 7, 8]], max_new_tokens=4, logit_bias={bad: 100.0})
+
+    # the server: the failing request gets a 500 (or an error event), the one beside it its result
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    from candlewick.server import create_app
+    from test_server import KEY, Server
+
+    server = Server(create_app(model, "padded", api_key=KEY))
+    try:
+        client = server.client()
+
+        def ask(bias):
+            return client.completions.create(model="padded", prompt=[5, 6, 7], max_tokens=40, temperature=0,
+                                             logit_bias=bias, extra_body={"ignore_eos": True})
+        with ThreadPoolExecutor(2) as pool:
+            failing, fine = pool.submit(ask, {str(bad): 100}), pool.submit(ask, None)
+            with pytest.raises(openai.InternalServerError, match=f"token id {bad}"):
+                failing.result()
+            assert fine.result().choices[0].text == model.generate([5, 6, 7], max_new_tokens=40, temperature=0,
+                                                                   ignore_eos=True).text
+        stream = client.completions.create(model="padded", prompt=[5, 6, 7], max_tokens=4, stream=True,
+                                           logit_bias={str(bad): 100})
+        with pytest.raises(openai.APIError, match=f"token id {bad}"):
+            list(stream)
+    finally:
+        server.stop()

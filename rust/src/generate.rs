@@ -166,6 +166,11 @@ impl Generation {
         }
         for d in self.sched.step()? {
             let p = self.ids.iter().position(|&i| i == d.request).expect("a request of this generation");
+            if let Some(e) = d.error {
+                // one result for the whole call: a failed row fails it (the server's requests fail alone)
+                let what = if self.ids.len() == 1 { String::new() } else { format!("prompt {p}: ") };
+                return Err(Error::Internal(format!("{what}{e}")));
+            }
             let row = self.row0[p] + d.choice;
             let c = &mut self.choices[row];
             c.text.push_str(&d.text);

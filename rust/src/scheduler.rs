@@ -92,6 +92,8 @@ pub struct Delta {
     pub prompt_tokens: usize,
     /// prompt tokens whose keys and values came from the prefix cache
     pub cached_tokens: usize,
+    /// why this sequence failed (its grammar or its text), the others going on; set with `finish`
+    pub error: Option<String>,
 }
 
 /// One choice of one request.
@@ -125,6 +127,8 @@ struct Seq {
     pending_logprobs: Vec<TokenLogprob>,
     /// the grammar state of a constrained request (crate::constraint)
     constraint: Option<Box<Constraint>>,
+    /// set by `fail`, sent with the last delta
+    error: Option<String>,
 }
 
 impl Seq {
@@ -187,6 +191,7 @@ impl Handle {
             sent: prompt.len(),
             pending_logprobs: vec![],
             constraint,
+            error: None,
             params: Arc::new(params),
             stops: Arc::new(stops),
         };
@@ -381,6 +386,7 @@ impl Scheduler {
                         finish: Some(Finish::Length),
                         prompt_tokens: s.prompt_len,
                         cached_tokens: 0,
+                        error: None,
                     });
                 }
                 self.counters.finished += 1;
@@ -613,8 +619,10 @@ impl Scheduler {
                     if s.fork > 0 {
                         forks.extend(self.fork(s, &logits[r], &mut out)?);
                     }
-                    let t = drawn[r].take().expect("every row of logits is drawn from")?;
-                    self.take_token(s, t)?;
+                    let t = drawn[r].take().expect("every row of logits is drawn from");
+                    if let Err(e) = t.and_then(|t| self.take_token(s, t)) {
+                        fail(s, e);
+                    }
                     out.push(self.delta(s));
                 }
             }
@@ -688,6 +696,7 @@ impl Scheduler {
                 sent: s.sent,
                 pending_logprobs: vec![],
                 constraint: s.constraint.clone(),
+                error: None,
             };
             for &b in &k.blocks {
                 self.pool.retain(b);
@@ -700,7 +709,9 @@ impl Scheduler {
                 }
             }
             if k.computed == s.computed {
-                self.sample(&mut k, logits)?;
+                if let Err(e) = self.sample(&mut k, logits) {
+                    fail(&mut k, e);
+                }
                 out.push(self.delta(&mut k));
             }
             kids.push(k);
@@ -770,6 +781,7 @@ impl Scheduler {
             finish: s.text.finish,
             prompt_tokens: s.prompt_len,
             cached_tokens: s.cached_tokens,
+            error: s.error.take(),
         }
     }
 
@@ -785,6 +797,13 @@ impl Scheduler {
         }
         d
     }
+}
+
+/// End `s` because of `e` (its grammar refused a token, its text could not be decoded): the sequence stops
+/// with what it has, its delta carries the error, and the rest of the batch goes on.
+fn fail(s: &mut Seq, e: Error) {
+    s.error = Some(e.to_string());
+    s.text.finish = Some(Finish::Stop);
 }
 
 /// A sequence's next token, and its logprob entry when asked for.

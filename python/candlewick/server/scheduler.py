@@ -115,10 +115,16 @@ class Scheduler:
                 continue
             now = time.perf_counter()
             with self._lock:
-                for rid, choice, text, ids, lps, finish, prompt_tokens, cached in deltas:
+                for rid, choice, text, ids, lps, finish, prompt_tokens, cached, error in deltas:
                     sub = self._requests.get(rid)
                     if sub is None:
                         continue  # aborted meanwhile
+                    if error is not None:   # this request failed alone (its grammar): the others go on
+                        del self._requests[rid]
+                        self.native.abort(rid)
+                        failure = RuntimeError(f"generation failed: {error}")
+                        sub.loop.call_soon_threadsafe(sub.queue.put_nowait, failure)
+                        continue
                     if self.metrics and ids:
                         first = sub.last_at[choice] == sub.submitted_at
                         (self.metrics.ttft if first else self.metrics.itl).observe(now - sub.last_at[choice])

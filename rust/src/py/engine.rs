@@ -57,13 +57,14 @@ impl PyEngine {
     }
 
     /// One step; returns a list of (request, choice, text, token_ids, logprobs, finish_reason, prompt_tokens,
-    /// cached_tokens), logprobs as (token, logprob, [(token, logprob), ...]) per new token.
+    /// cached_tokens, error), logprobs as (token, logprob, [(token, logprob), ...]) per new token; error (None, or
+    /// why that sequence failed while the others went on) comes with its last delta.
     fn step<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let deltas = detach(py, "step", || self.lock().step()).py()?;
         let out = PyList::empty(py);
         for d in deltas {
             let lps: Vec<LogprobRow> = d.logprobs.into_iter().map(|l| (l.token, l.logprob, l.top)).collect();
-            out.append((d.request, d.choice, d.text, d.tokens, lps, d.finish.map(|f| f.as_str()), d.prompt_tokens, d.cached_tokens))?;
+            out.append((d.request, d.choice, d.text, d.tokens, lps, d.finish.map(|f| f.as_str()), d.prompt_tokens, d.cached_tokens, d.error))?;
         }
         Ok(out)
     }
