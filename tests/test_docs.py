@@ -7,14 +7,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
-def test_reference_page_examples_run(monkeypatch, capsys):
-    page = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
-    blocks = BLOCK.findall(page)
-    assert len(blocks) >= 8
+def run_page(page: str, monkeypatch, min_blocks: int) -> dict:
+    """Run the python blocks of docs/`page`, in order, in one namespace, from the repository root."""
+    blocks = BLOCK.findall((ROOT / "docs" / page).read_text(encoding="utf-8"))
+    assert len(blocks) >= min_blocks
     monkeypatch.chdir(ROOT)
     namespace: dict = {}
     for n, code in enumerate(blocks):
-        exec(compile(code, f"docs/reference.md: python block {n + 1}", "exec"), namespace)
+        exec(compile(code, f"docs/{page}: python block {n + 1}", "exec"), namespace)
+    return namespace
+
+
+def test_reference_page_examples_run(monkeypatch, capsys):
+    namespace = run_page("reference.md", monkeypatch, 8)
     assert "4 2" in capsys.readouterr().out
     assert namespace["logits"].shape[0] == len(namespace["ids"])
 
@@ -31,14 +36,8 @@ def test_readme_python_example_runs(monkeypatch, capsys):
 
 
 def test_structured_page_examples_run(monkeypatch, capsys):
-    """docs/structured.md's python blocks (the Python API; its ```py blocks need a server and are run by
-    tests/test_tools.py in their own words) run in order, in one namespace."""
-    page = (ROOT / "docs" / "structured.md").read_text(encoding="utf-8")
-    blocks = BLOCK.findall(page)
-    assert len(blocks) >= 3
-    monkeypatch.chdir(ROOT)
-    namespace: dict = {}
-    for n, code in enumerate(blocks):
-        exec(compile(code, f"docs/structured.md: python block {n + 1}", "exec"), namespace)
+    """docs/structured.md's python blocks (the Python API; its ```py blocks need a server, and tests/test_tools.py
+    makes the same calls)."""
+    run_page("structured.md", monkeypatch, 3)
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith(" stop") and out.splitlines()[1].startswith("call ")

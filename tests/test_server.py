@@ -74,11 +74,16 @@ def llama():
     return cw.load(DATA / "llama-tiny")
 
 
-@pytest.fixture(scope="module")
-def server(llama):
-    s = Server(create_app(llama, "llama-tiny", api_key=KEY))
+def serving(model, model_id: str):
+    """A module fixture's body: `model` served as `model_id` (with KEY) until the module is done."""
+    s = Server(create_app(model, model_id, api_key=KEY))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    yield from serving(llama, "llama-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -256,3 +256,20 @@ def test_a_wordpiece_vocabulary_is_refused_by_name():
     with pytest.raises(ValueError, match="needs a byte-level BPE or SentencePiece vocabulary; this tokenizer's "
                                          "decoder is WordPiece"):
         rc.token_bytes(spec, 10)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from candlewick.default_model import smollm2_path
+
+    return cw.load(smollm2_path())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=SCHEMAS)
+def test_smollm2_json_validates_against_drawn_schemas(smol, schema):
+    """The same on a real model (SmolLM2-135M-Instruct Q4_1, its GGUF vocabulary), in a chat."""
+    ids = smol.tokenizer.apply_chat_template([{"role": "user", "content": "Answer in JSON."}], tokenize=True)
+    for c in samples(smol, ids, 4, max_new_tokens=400, json_schema=schema):
+        assert c.finish_reason == "stop", (schema, c.text)
+        jsonschema.validate(json.loads(c.text), schema)

@@ -21,7 +21,7 @@ from candlewick.server.schemas import ChatMessage
 from candlewick.tools import CallParser, call_grammar, parse_reply, template_takes_tools, tool_plan
 
 from conftest import DATA, copy_checkpoint
-from test_server import KEY, Server
+from test_server import KEY, Server, serving
 
 GOLDEN = json.loads((DATA / "tool-chat" / "reference.json").read_text())
 TEMPLATE = (DATA / "tool-chat" / GOLDEN["template"]).read_text()
@@ -119,9 +119,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def server(smol):
-    s = Server(create_app(smol, "smollm2", api_key=KEY))
-    yield s
-    s.stop()
+    yield from serving(smol, "smollm2")
 
 
 @pytest.fixture(scope="module")
