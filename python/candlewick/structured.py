@@ -68,36 +68,42 @@ def schema_of_response_format(rf: Any) -> Any | None:
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-# An integer without bounds gets these: the integers every JSON parser reads exactly (JavaScript's safe
-# integers). Without them a model may write digits until max_new_tokens; llama.cpp's grammars likewise allow
-# 16 digits at most.
+# Numbers get bounds where the schema sets none: the integers every JSON parser reads exactly (JavaScript's safe
+# integers) and, for numbers, at most 10 digits after the point (multipleOf 1e-10, which a decimal literal with
+# 10 digits or fewer always is; llguidance takes no finer multipleOf). Without them a model may write digits
+# until max_new_tokens ("1.0000..."): llama.cpp's grammars likewise allow 16 digits before and after the point.
 SAFE_INTEGER = 2**53 - 1
+FRACTION_DIGITS = 10
 
 
-def bound_integers(schema: Any) -> Any:
-    """A copy of `schema` whose integer types without a lower or upper bound get +-SAFE_INTEGER there."""
+def bound_numbers(schema: Any) -> Any:
+    """A copy of `schema` whose integer and number types without a lower or upper bound get +-SAFE_INTEGER
+    there, and whose number types without multipleOf get multipleOf 1e-10 (at most 10 fraction digits)."""
     if isinstance(schema, list):
-        return [bound_integers(x) for x in schema]
+        return [bound_numbers(x) for x in schema]
     if not isinstance(schema, Mapping):
         return schema
-    out = {k: (v if k in ("enum", "const", "default", "examples") else bound_integers(v)) for k, v in schema.items()}
+    out = {k: (v if k in ("enum", "const", "default", "examples") else bound_numbers(v)) for k, v in schema.items()}
     types = out.get("type")
-    if types == "integer" or (isinstance(types, list) and types == ["integer"]):
+    kind = types[0] if isinstance(types, list) and len(types) == 1 else types
+    if kind in ("integer", "number"):
         if "minimum" not in out and "exclusiveMinimum" not in out:
             out["minimum"] = -SAFE_INTEGER
         if "maximum" not in out and "exclusiveMaximum" not in out:
             out["maximum"] = SAFE_INTEGER
+    if kind == "number" and "multipleOf" not in out:
+        out["multipleOf"] = float(f"1e-{FRACTION_DIGITS}")
     return out
 
 
 def with_layout(schema: Any) -> Any:
     """`schema` as the engine compiles it: JSON_LAYOUT as its "x-guidance" options (unless it has its own),
-    integers bounded (bound_integers); `true` becomes {}."""
+    numbers bounded (bound_numbers); `true` becomes {}."""
     if schema is True:
         schema = {}
     if schema is False:
         raise InvalidArgument("json_schema is false: no output can satisfy it")
-    schema = bound_integers(schema)
+    schema = bound_numbers(schema)
     if "x-guidance" in schema:
         return schema
     return {**schema, "x-guidance": JSON_LAYOUT}
@@ -127,4 +133,4 @@ def constraint_from(*, json_schema: Any = None, regex: str | None = None, gramma
 
 CONSTRAINT_PARAMS = ("json_schema", "regex", "grammar", "response_format")
 
-__all__ = ["constraint_from", "schema_of", "with_layout", "bound_integers", "JSON_LAYOUT", "SAFE_INTEGER", "schema_of_response_format", "CONSTRAINT_PARAMS", "ANY_JSON_OBJECT"]
+__all__ = ["constraint_from", "schema_of", "with_layout", "bound_numbers", "JSON_LAYOUT", "SAFE_INTEGER", "FRACTION_DIGITS", "schema_of_response_format", "CONSTRAINT_PARAMS", "ANY_JSON_OBJECT"]
