@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp's format): metadata -> config and tokenizer, tensors -> quantized projections.
 
-use std::io::BufReader;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -15,7 +15,9 @@ use crate::tokenizer::Tokenizer;
 pub struct Gguf {
     pub path: PathBuf,
     content: Content,
-    reader: std::sync::Mutex<BufReader<std::fs::File>>,
+    /// the whole file, mapped: tensors are read from it (by any number of threads, no lock), and the pages of
+    /// each are given back to the page cache once it is read, so a load does not keep the file resident
+    map: memmap2::Mmap,
     pub arch: String,
 }
 
@@ -24,10 +26,15 @@ const SUPPORTED_ARCHS: &str = "llama (also SmolLM, Mistral-style files), qwen2, 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::load(path, e))?;
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader)
+        // SAFETY: the map is read-only; a file changed underneath it while loading gives wrong weights or a
+        // failed load (as with any reader), and checkpoints are not written while they are read.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::load(path, e))?;
+        // the header's lengths and counts are checked against the bytes that remain (Candle's reader)
+        let content = Content::read(&mut Cursor::new(&map[..]))
             .map_err(|e| Error::load(path, format!("not a valid GGUF file ({})", first_line(&e))))?;
-        let len = std::fs::metadata(path).map_err(|e| Error::load(path, e))?.len();
+        let len = map.len() as u64;
+        // the metadata is parsed into `content`: its pages need not stay resident
+        let header_end = (content.tensor_data_offset as usize).min(map.len());
         for (name, info) in &content.tensor_infos {
             let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
             if content.tensor_data_offset + info.offset + bytes as u64 > len {
@@ -37,7 +44,8 @@ impl Gguf {
                 ));
             }
         }
-        let mut g = Self { path: path.to_path_buf(), content, reader: std::sync::Mutex::new(reader), arch: String::new() };
+        let mut g = Self { path: path.to_path_buf(), content, map, arch: String::new() };
+        g.done_with(&g.map[..header_end]);
         g.arch = g.str("general.architecture")?;
         Ok(g)
     }
@@ -96,10 +104,42 @@ impl Gguf {
                 format!("tensor {name:?} has shape {:?}, but the metadata implies {shape:?}", info.shape.dims()),
             ));
         }
-        let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        self.content
-            .tensor(&mut *r, name, device)
-            .map_err(|e| Error::load(&self.path, format!("tensor {name:?} ({:?}): {}", info.ggml_dtype, first_line(&e))))
+        let t = self
+            .content
+            .tensor(&mut Cursor::new(&self.map[..]), name, device)
+            .map_err(|e| Error::load(&self.path, format!("tensor {name:?} ({:?}): {}", info.ggml_dtype, first_line(&e))))?;
+        let (start, bytes) = self.extent(info);
+        self.done_with(&self.map[start..start + bytes]);
+        Ok(t)
+    }
+
+    /// A tensor's format and raw bytes, straight from the mapped file (its shape checked as `qtensor` does);
+    /// `done_with` gives the pages back once they are copied.
+    pub fn raw(&self, name: &str, shape: &[usize]) -> Result<(candle_core::quantized::GgmlDType, &[u8])> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::load(&self.path, format!("no tensor named {name:?}")))?;
+        if info.shape.dims() != shape {
+            return Err(Error::load(
+                &self.path,
+                format!("tensor {name:?} has shape {:?}, but the metadata implies {shape:?}", info.shape.dims()),
+            ));
+        }
+        let (start, bytes) = self.extent(info);
+        // `open` checked that every tensor ends inside the file
+        Ok((info.ggml_dtype, &self.map[start..start + bytes]))
+    }
+
+    fn extent(&self, info: &candle_core::quantized::gguf_file::TensorInfo) -> (usize, usize) {
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        (start, info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size())
+    }
+
+    /// The pages of `bytes` (a slice `raw` gave) need not stay resident: they are copied.
+    pub fn done_with(&self, bytes: &[u8]) {
+        crate::weights::release_pages(bytes);
     }
 
     /// A tensor dequantized to a dense f32 tensor (norms, embeddings).

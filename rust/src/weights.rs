@@ -119,7 +119,38 @@ impl Weights {
         let t = st
             .load(&stored, &self.device)
             .map_err(|e| Error::load(path, format!("tensor {stored:?}: {}", root_cause(&e))))?;
+        release_pages(view.data());
         Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A tensor's stored dtype and raw little-endian bytes, in place in the mapped file, its shape checked as
+    /// `get` does; None for a dtype other than f32 / bf16 / f16. `release_pages` gives the pages back.
+    pub fn raw(&self, name: &str, shape: &[usize]) -> Result<Option<(DType, &[u8])>> {
+        let stored = self.resolve(name).ok_or_else(|| {
+            Error::ModelLoad(format!(
+                "{}: no tensor named {name:?} (also tried with and without the model./transformer./bert. prefix)",
+                self.describe_files()
+            ))
+        })?;
+        let (path, st) = &self.files[self.routing[&stored]];
+        let view = st.get(&stored).map_err(|e| Error::load(path, e))?;
+        if view.shape() != shape {
+            return Err(Error::load(
+                path,
+                format!("tensor {stored:?} has shape {:?}, but config.json implies {shape:?}", view.shape()),
+            ));
+        }
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            _ => return Ok(None),
+        };
+        Ok(Some((dtype, view.data())))
     }
 
     /// The dtype the checkpoint stores its floating-point weights in (the first floating tensor's).
@@ -141,4 +172,18 @@ impl Weights {
 fn root_cause(e: &candle_core::Error) -> String {
     let s = e.to_string();
     s.lines().next().unwrap_or_default().to_string()
+}
+
+/// The whole pages of `bytes`, a slice of a read-only file mapping whose contents were copied out, need not stay
+/// resident: a load then holds each tensor once (its copy), not twice (a hint; failure changes nothing).
+pub(crate) fn release_pages(bytes: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = bytes.as_ptr() as usize;
+    let (from, to) = (start.div_ceil(PAGE) * PAGE, (start + bytes.len()) / PAGE * PAGE);
+    if to > from {
+        // SAFETY: [from, to) lies inside `bytes`, which is part of a read-only shared file mapping (safetensors
+        // and GGUF files are mapped so); MADV_DONTNEED drops its clean pages and a later read faults the same bytes
+        // back in from the file. No Rust reference sees different contents.
+        unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED) };
+    }
 }

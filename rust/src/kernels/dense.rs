@@ -62,8 +62,14 @@ impl std::fmt::Debug for Panels {
 impl Panels {
     /// From an [n, k] row-major weight.
     pub fn new<W: Elem>(w: &[W], n: usize, k: usize) -> Self {
+        Self::new_releasing(w, n, k, &|_| {})
+    }
+
+    /// `new`, calling `done` with each slab of rows of `w` once it is packed (a mapped checkpoint gives the
+    /// pages back as it goes, so a load does not hold the weight twice).
+    pub fn new_releasing<W: Elem>(w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Self {
         assert_eq!(w.len(), n * k);
-        Self { data: W::into_data(pack(w, n, k)), n, k }
+        Self { data: W::into_data(pack(w, n, k, done)), n, k }
     }
 
     /// Output rows.
@@ -83,6 +89,35 @@ impl Panels {
             PanelData::F32(d) => PanelData::F32(unpack(d, n, k)),
             PanelData::BF16(d) => PanelData::BF16(unpack(d, n, k)),
             PanelData::F16(d) => PanelData::F16(unpack(d, n, k)),
+        }
+    }
+
+    /// Whether the panels hold f32 (and not a narrower width).
+    pub fn is_f32(&self) -> bool {
+        matches!(self.data, PanelData::F32(_))
+    }
+
+    /// Rows `rows` of the weight, widened to f32 [rows.len(), k] (a tied embedding's lookup).
+    pub fn rows_f32(&self, rows: &[u32]) -> Vec<f32> {
+        fn gather<W: Elem>(p: &[W], n: usize, k: usize, rows: &[u32]) -> Vec<f32> {
+            let pairs = paired::<W>(k);
+            let mut out = vec![0f32; rows.len() * k];
+            let mut row = vec![W::default(); k];
+            for (dst, &r) in out.chunks_mut(k).zip(rows) {
+                let (b, j) = (r as usize / PANEL, r as usize % PANEL);
+                let nr = PANEL.min(n - b * PANEL);
+                let panel = &p[b * PANEL * k..b * PANEL * k + nr * k];
+                for (q, v) in row.iter_mut().enumerate() {
+                    *v = panel[at(q, j, nr, pairs)];
+                }
+                W::widen(&row, dst);
+            }
+            out
+        }
+        match &self.data {
+            PanelData::F32(d) => gather(d, self.n, self.k, rows),
+            PanelData::BF16(d) => gather(d, self.n, self.k, rows),
+            PanelData::F16(d) => gather(d, self.n, self.k, rows),
         }
     }
 
@@ -118,23 +153,30 @@ fn at(q: usize, j: usize, nr: usize, pairs: bool) -> usize {
     if pairs && nr == PANEL { (q / 2) * 2 * PANEL + 2 * j + q % 2 } else { q * nr + j }
 }
 
-/// [n, k] row-major -> panels.
-fn pack<W: Elem + Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize) -> Vec<W> {
+/// Panels packed at a time by `pack` before it calls `done` (4096 rows).
+const SLAB: usize = 64;
+
+/// [n, k] row-major -> panels, slab by slab; `done` gets each slab's rows of `w` once they are packed.
+fn pack<W: Elem + Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Vec<W> {
     let pairs = paired::<W>(k);
     let mut out = vec![W::default(); n * k];
     if k == 0 {
         return out;
     }
-    out.par_chunks_mut(PANEL * k).enumerate().for_each(|(p, panel)| {
-        let r0 = p * PANEL;
-        let nr = panel.len() / k;
-        for j in 0..nr {
-            let row = &w[(r0 + j) * k..(r0 + j + 1) * k];
-            for (q, &v) in row.iter().enumerate() {
-                panel[at(q, j, nr, pairs)] = v;
+    for (s, slab) in out.chunks_mut(SLAB * PANEL * k).enumerate() {
+        slab.par_chunks_mut(PANEL * k).enumerate().for_each(|(p, panel)| {
+            let r0 = (s * SLAB + p) * PANEL;
+            let nr = panel.len() / k;
+            for j in 0..nr {
+                let row = &w[(r0 + j) * k..(r0 + j + 1) * k];
+                for (q, &v) in row.iter().enumerate() {
+                    panel[at(q, j, nr, pairs)] = v;
+                }
             }
-        }
-    });
+        });
+        let r0 = s * SLAB * PANEL;
+        done(&w[r0 * k..(r0 * k + slab.len()).min(n * k)]);
+    }
     out
 }
 
@@ -694,7 +736,7 @@ mod tests {
             W::widen(w, &mut w32);
             let want = reference(x, 1, k, &w32, n, None);
             // the plain [k, nr] layout (packing is a permutation; bf16 full panels may be stored in pairs)
-            let order = pack(&(0..n * k).map(|i| i as f32).collect::<Vec<_>>(), n, k);
+            let order = pack(&(0..n * k).map(|i| i as f32).collect::<Vec<_>>(), n, k, &|_| {});
             let packed: Vec<W> = order.iter().map(|&i| w[i as usize]).collect();
             for r0 in (0..n).step_by(PANEL) {
                 let nr = PANEL.min(n - r0);
@@ -720,7 +762,7 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         fn run<W: Elem + Default>(w: &[W], k: usize, n: usize, bias: Option<&[f32]>) {
-            let packed = pack(w, n, k);
+            let packed = pack(w, n, k, &|_| {});
             let mut w32 = vec![0f32; w.len()];
             W::widen(w, &mut w32);
             for m in [9, 13, 40] {

@@ -18,7 +18,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::{last_rows, merge_heads, split_heads};
-use crate::nn::{embed, Cache, KvPool, Linear, Norm, PagedSeq};
+use crate::nn::{embed, Cache, KvPool, Linear, Norm, PagedSeq, Table};
 use crate::config::{activation, Act, Config, Residual};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
@@ -75,16 +75,48 @@ impl Source<'_> {
                     let name = format!("{n}.weight");
                     if conv1d { Ok(w.get(&name, &[inp, o], *dtype)?.t()?.contiguous()?) } else { w.get(&name, &[o, inp], *dtype) }
                 };
+                // one matrix at its stored width on the CPU: panels packed straight from the mapped file
+                if let ([(n, o)], false, None, true) = (parts, conv1d, quant, w.device().is_cpu()) {
+                    if let Some((stored, bytes)) = w.raw(&format!("{n}.weight"), &[*o, inp])? {
+                        if stored == *dtype {
+                            let l = Linear::Dense(crate::nn::linear::Dense::from_bytes(stored, bytes, *o, inp, b)?);
+                            crate::weights::release_pages(bytes);
+                            return Ok(l);
+                        }
+                    }
+                }
                 let weight = cat(parts.iter().map(|(n, o)| get(n, *o)).collect::<Result<_>>()?)?;
                 Linear::new(weight, b, *quant)
             }
             Source::Gguf { g, device } => {
                 let ps = parts
                     .iter()
-                    .map(|(n, o)| Linear::from_qtensor(g.qtensor(&format!("{n}.weight"), &[*o, inp], device)?, bias_of(n, *o)?))
+                    .map(|(n, o)| {
+                        let name = format!("{n}.weight");
+                        // our block formats are repacked straight from the mapped file (one copy, not two)
+                        if device.is_cpu() {
+                            let (dtype, bytes) = g.raw(&name, &[*o, inp])?;
+                            if let Some(w) = crate::kernels::quant::QWeight::from_raw(dtype, bytes, *o, inp) {
+                                g.done_with(bytes);
+                                return Ok(Linear::Blocks(std::sync::Arc::new(w), bias_of(n, *o)?));
+                            }
+                        }
+                        Linear::from_qtensor(g.qtensor(&name, &[*o, inp], device)?, bias_of(n, *o)?)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Linear::fuse(ps)
             }
+        }
+    }
+
+    /// Whether a dense projection holds the checkpoint's numbers exactly (its width is the stored one, or f32),
+    /// so that a tied embedding may read its rows from it.
+    fn dense_is_exact(&self) -> bool {
+        match self {
+            Source::Safetensors { w, dtype, quant, .. } => {
+                quant.is_none() && (*dtype == DType::F32 || *dtype == w.stored_dtype())
+            }
+            Source::Gguf { .. } => true,
         }
     }
 
@@ -243,7 +275,7 @@ struct Block {
 
 pub struct Decoder {
     pub cfg: Config,
-    embed_tokens: Tensor, // [V, C]
+    embed_tokens: Table, // [V, C]
     /// learned positions [P, C] (GPT-2)
     embed_positions: Option<Tensor>,
     layers: Vec<Block>,
@@ -314,19 +346,44 @@ impl Decoder {
                 rope: cfg.layer_rope[i],
             });
         }
-        let embed_tokens = src.dense(n.embed, &[cfg.vocab_size, c])?;
-        let embed_tokens = match cfg.embed_scale {
-            Some(s) => (embed_tokens * s)?,
-            None => embed_tokens,
-        };
         let embed_positions =
             if cfg.learned_positions { Some(src.dense(n.pos_embed, &[cfg.max_position_embeddings, c])?) } else { None };
         let own_head = src.has(&format!("{}.weight", n.lm_head)) && (gguf || !cfg.tie_word_embeddings);
+        let embed_name = n.embed.trim_end_matches(".weight");
         let lm_head = if own_head {
             src.proj(&[(n.lm_head, cfg.vocab_size)], c, false, false)?
         } else {
             // tied: the (unscaled) embedding table
-            src.proj(&[(n.embed.trim_end_matches(".weight"), cfg.vocab_size)], c, false, false)?
+            src.proj(&[(embed_name, cfg.vocab_size)], c, false, false)?
+        };
+        // The embedding table is not held twice: a tied one reads its rows from the output projection (its
+        // blocks, or its panels where they hold the checkpoint's numbers exactly); a GGUF table in a block format
+        // our kernels take stays in it. Rows are dequantized or widened at lookup. Anything else is dense.
+        let (scale, dev) = (cfg.embed_scale, device.clone());
+        let table = match &lm_head {
+            // (a GGUF file's own blocks; a checkpoint quantized at load keeps its table exact)
+            Linear::Blocks(w, None) if !own_head && gguf => Some(Table::Blocks { w: w.clone(), scale, device: dev.clone() }),
+            Linear::Dense(d) if !own_head && src.dense_is_exact() => {
+                d.panels().map(|p| Table::Panels { p: p.clone(), scale, device: dev.clone() })
+            }
+            _ => None,
+        };
+        let table = match table {
+            None if gguf => match src.proj(&[(embed_name, cfg.vocab_size)], c, false, false)? {
+                Linear::Blocks(w, None) => Some(Table::Blocks { w, scale, device: dev }),
+                _ => None,
+            },
+            t => t,
+        };
+        let embed_tokens = match table {
+            Some(t) => t,
+            None => {
+                let t = src.dense(n.embed, &[cfg.vocab_size, c])?;
+                Table::Dense(match cfg.embed_scale {
+                    Some(s) => (t * s)?,
+                    None => t,
+                })
+            }
         };
         let act = src.act();
         // tables only where some layer turns (none for GPT-2)
@@ -442,7 +499,7 @@ impl Decoder {
             .map(|(cos, sin)| Ok((cos.index_select(&pos, 0)?.reshape((1, n, half))?, sin.index_select(&pos, 0)?.reshape((1, n, half))?)))
             .collect::<Result<Vec<_>>>()?;
         let ids_t = Tensor::new(ids, dev)?.unsqueeze(0)?;
-        let mut x = embed(&self.embed_tokens, &ids_t)?; // [1, N, C]
+        let mut x = self.embed_tokens.lookup(&ids_t)?; // [1, N, C]
         if let Some(wpe) = &self.embed_positions {
             x = (x + embed(wpe, &pos.unsqueeze(0)?)?)?;
         }
@@ -518,7 +575,7 @@ impl Decoder {
             .iter()
             .map(|(cos, sin)| Ok((cos.index_select(&pos, 0)?.reshape((b, t, half))?, sin.index_select(&pos, 0)?.reshape((b, t, half))?)))
             .collect::<Result<Vec<_>>>()?;
-        let mut x = embed(&self.embed_tokens, ids)?; // [B, T, C]
+        let mut x = self.embed_tokens.lookup(ids)?; // [B, T, C]
         if let Some(wpe) = &self.embed_positions {
             x = (x + embed(wpe, positions)?)?;
         }

@@ -15,8 +15,8 @@ use crate::kernels::quant::QWeight;
 
 pub enum Linear {
     Dense(Dense),
-    /// llama.cpp's block formats on the CPU: our kernels (kernels/quant)
-    Blocks(QWeight, Option<Tensor>),
+    /// llama.cpp's block formats on the CPU: our kernels (kernels/quant); shared with a tied embedding table
+    Blocks(Arc<QWeight>, Option<Tensor>),
     /// quantized weight [out, in] (llama.cpp's kernels: Q4_0 ... Q8_0, K-quants), optional f32 bias
     Quant(QMatMul, Option<Tensor>),
     /// projections of the same input whose weights could not be stored as one matrix (different formats):
@@ -69,7 +69,7 @@ impl Linear {
         if parts.len() == 1 {
             return Ok(parts.into_iter().next().unwrap());
         }
-        let blocks: Vec<(&QWeight, &Option<Tensor>)> = parts
+        let blocks: Vec<(&Arc<QWeight>, &Option<Tensor>)> = parts
             .iter()
             .filter_map(|p| match p {
                 Linear::Blocks(w, b) => Some((w, b)),
@@ -77,7 +77,7 @@ impl Linear {
             })
             .collect();
         if blocks.len() == parts.len() {
-            if let Some(w) = QWeight::concat(&blocks.iter().map(|(w, _)| *w).collect::<Vec<_>>()) {
+            if let Some(w) = QWeight::concat(&blocks.iter().map(|(w, _)| &***w).collect::<Vec<_>>()) {
                 let bias = if blocks.iter().any(|(_, b)| b.is_some()) {
                     let bs = blocks
                         .iter()
@@ -90,7 +90,7 @@ impl Linear {
                 } else {
                     None
                 };
-                return Ok(Linear::Blocks(w, bias));
+                return Ok(Linear::Blocks(Arc::new(w), bias));
             }
         }
         let dense: Vec<&Dense> = parts
@@ -136,7 +136,7 @@ impl Linear {
     /// Candle's `QMatMul`.
     pub fn from_qtensor(q: QTensor, bias: Option<Tensor>) -> Result<Self> {
         if let Some(w) = QWeight::from_qtensor(&q)? {
-            return Ok(Linear::Blocks(w, bias));
+            return Ok(Linear::Blocks(Arc::new(w), bias));
         }
         // unquantized F32/F16/BF16 tensors on the CPU: the dense kernels (threaded matrix-vector products, GEMM
         // for prefill, the weight kept at its width); Candle's matmul would run one thread at batch 1
@@ -232,6 +232,36 @@ impl Dense {
         Ok(Self { weight: cell, panels, bias, out_features: n })
     }
 
+    /// From an [out, in] row-major weight given as raw little-endian bytes of `dtype` (f32 / bf16 / f16) in a
+    /// mapped checkpoint, on CPU: packed into panels straight from them, the mapped pages given back slab by
+    /// slab (so the weight is held once, not twice, while it loads).
+    pub fn from_bytes(dtype: DType, bytes: &[u8], n: usize, k: usize, bias: Option<Tensor>) -> Result<Self> {
+        fn panels<T: crate::kernels::dense::Elem + bytemuck::Pod>(bytes: &[u8], n: usize, k: usize) -> Panels {
+            match bytemuck::try_cast_slice::<u8, T>(bytes) {
+                Ok(w) => Panels::new_releasing(w, n, k, &|part: &[T]| {
+                    crate::weights::release_pages(bytemuck::cast_slice(part))
+                }),
+                // a tensor at an offset its width does not divide: one aligned copy first
+                Err(_) => {
+                    let mut w = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+                    bytemuck::cast_slice_mut::<T, u8>(&mut w).copy_from_slice(bytes);
+                    Panels::new(&w, n, k)
+                }
+            }
+        }
+        let width = dtype.size_in_bytes();
+        if bytes.len() != n * k * width || n == 0 || k == 0 {
+            return Err(Error::arg(format!("linear: {} bytes for a [{n}, {k}] {dtype:?} weight", bytes.len())));
+        }
+        let p = match dtype {
+            DType::F32 => panels::<f32>(bytes, n, k),
+            DType::BF16 => panels::<bf16>(bytes, n, k),
+            DType::F16 => panels::<f16>(bytes, n, k),
+            other => return Err(Error::arg(format!("linear: panels of {other:?}"))),
+        };
+        Ok(Self { weight: OnceLock::new(), panels: Some(Arc::new(p)), bias, out_features: n })
+    }
+
     /// The weight, [out, in].
     pub fn weight(&self) -> &Tensor {
         self.weight.get_or_init(|| {
@@ -248,6 +278,11 @@ impl Dense {
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The panels, on CPU.
+    pub fn panels(&self) -> Option<&Arc<Panels>> {
+        self.panels.as_ref()
     }
 
     pub fn out_features(&self) -> usize {

@@ -13,7 +13,7 @@ pub mod linear;
 pub mod norm;
 pub mod paged;
 
-pub use embedding::{embed, positions};
+pub use embedding::{embed, positions, Table};
 pub use kv_cache::Cache;
 pub use linear::{compute_dtype, Linear};
 pub use norm::Norm;

@@ -57,23 +57,31 @@ pub struct QWeight {
 }
 
 impl QWeight {
+    /// A GGUF tensor's raw bytes [out, inp] in `dtype`, repacked, when our kernels take that format.
+    pub fn from_raw(dtype: candle_core::quantized::GgmlDType, data: &[u8], out: usize, inp: usize) -> Option<Self> {
+        let kind = Kind::from_ggml(dtype)?;
+        let (be, bb) = kind.ggml_block();
+        if !inp.is_multiple_of(be) || data.len() != out * inp / be * bb {
+            return None;
+        }
+        Some(Self::repack(kind, data, out, inp))
+    }
+
     /// Our kernels take the formats of `Kind` on the CPU; anything else stays with Candle's.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        let Some(kind) = Kind::from_ggml(q.dtype()) else { return Ok(None) };
         if !q.device().is_cpu() {
             return Ok(None);
         }
         let (out, inp) = q.shape().dims2()?;
-        let data = q.data()?;
-        let (be, bb) = kind.ggml_block();
-        if inp % be != 0 || data.len() != out * inp / be * bb {
-            return Ok(None);
-        }
-        Ok(Some(Self::repack(kind, &data, out, inp)))
+        Ok(Self::from_raw(q.dtype(), &q.data()?, out, inp))
     }
 
     pub fn out(&self) -> usize {
         self.out
+    }
+
+    pub fn inp(&self) -> usize {
+        self.inp
     }
 
     /// y [m, out] = x [m, in] · Wᵀ with the kernels of `isa`.

@@ -119,21 +119,30 @@ impl QWeight {
 
     /// The weight as f32 [out, in] (the same numbers as GGML's dequantization).
     pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.out * self.inp];
+        w.par_chunks_mut(self.inp).enumerate().for_each(|(r, dst)| self.dequantize_row(r, dst));
+        w
+    }
+
+    /// Rows `rows` as f32 [rows.len(), in], as `dequantize` gives them (an embedding lookup in the file's type).
+    pub fn dequantize_rows(&self, rows: &[u32]) -> Vec<f32> {
+        let mut w = vec![0f32; rows.len() * self.inp];
+        w.chunks_mut(self.inp).zip(rows).for_each(|(dst, &r)| self.dequantize_row(r as usize, dst));
+        w
+    }
+
+    fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
         let k = self.kind;
         let spb = k.scales_per_block();
-        let mut w = vec![0f32; self.out * self.inp];
-        w.par_chunks_mut(self.inp).enumerate().for_each(|(r, dst)| {
-            let (g, lane) = (r / ROWS, r % ROWS);
-            for b in 0..self.nb {
-                let gi = g * self.nb + b;
-                for j in 0..32 {
-                    let q = weight_q(self, gi, lane, j) as f32;
-                    let d = self.d.get((gi * spb + j * spb / 32) * ROWS + lane);
-                    dst[b * 32 + j] = if k.has_min() { d * q + self.m.get(gi * ROWS + lane) } else { d * (q - k.offset()) };
-                }
+        let (g, lane) = (r / ROWS, r % ROWS);
+        for b in 0..self.nb {
+            let gi = g * self.nb + b;
+            for j in 0..32 {
+                let q = weight_q(self, gi, lane, j) as f32;
+                let d = self.d.get((gi * spb + j * spb / 32) * ROWS + lane);
+                dst[b * 32 + j] = if k.has_min() { d * q + self.m.get(gi * ROWS + lane) } else { d * (q - k.offset()) };
             }
-        });
-        w
+        }
     }
 
 }
