@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import time
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,36 @@ def test_a_panic_arrives_as_candlewick_error():
     with pytest.raises(cw.CandlewickError, match="internal error in _panic_for_test: boom"):
         _native._panic_for_test("boom")
     assert cw.load(LLAMA).generate("Hello", max_new_tokens=1, seed=0).choices[0].token_ids
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than"),
+    ("{% for i in range(100000) %}{% for j in range(1000) %}{{ 'abcdefghij' }}{% endfor %}{% endfor %}",
+     "wrote more than"),
+    ("{{ 'x' * 10**10 }}", "too large"),
+    ("{{ [1] * 10**9 }}", "too large"),
+    ("{{ 2 ** 100000 }}", "too large"),
+    ("{{ ''.__class__.__mro__ }}", "may not|unsafe|is undefined|has no attribute"),
+])
+def test_chat_templates_are_bounded(monkeypatch, template, message):
+    """A chat template is code from a file: it runs sandboxed and bounded in time and output (an
+    InvalidArgument, which the server answers with a 400), and ordinary ones render exactly as before."""
+    from candlewick import chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
+    tok = cw.Tokenizer.from_pretrained(DATA / "qwen2-tiny")
+    t0 = time.monotonic()
+    with pytest.raises(cw.InvalidArgument, match=message):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
+    assert time.monotonic() - t0 < 5
+
+
+def test_bounded_range_behaves_as_range():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from candlewick import chat_template
+
+    t = "{{ range(3) }} {{ range(5)|length }} {{ range(5)[1:3]|list }} {{ range(4)|reverse|list }} " \
+        "{{ 2 in range(3) }} {{ range(10)[-1] }} {{ range(2, 9, 3)|list }} {% for i in range(3) %}{{ i }}{% endfor %}"
+    want = ImmutableSandboxedEnvironment().from_string(t).render()
+    assert chat_template.render(t, []) == want == "range(0, 3) 5 [1, 2] [3, 2, 1, 0] True 9 [2, 5, 8] 012"
