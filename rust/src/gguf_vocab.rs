@@ -438,11 +438,16 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
                 ranks.entry(l.to_string()).or_default().entry(r.to_string()).or_insert(i);
             }
             encoder = Some(Kind::Bpe { split: Splitter::new(pre_type).map_err(|e| err(g, e))?, ranks, ignore_merges });
+            // The `tokenizers` model only decodes here (the encoder above encodes, as llama.cpp does), so it gets the
+            // merges whose halves and result are tokens: llama.cpp takes a file with others, and `tokenizers`
+            // would refuse it (or, when the result is longer than any token, panic).
             let merges: Vec<(String, String)> = merges
                 .iter()
                 .filter_map(|m| {
                     let at = m.char_indices().skip(1).find(|&(_, c)| c == ' ')?.0;
-                    Some((m[..at].to_string(), m[at + 1..].to_string()))
+                    let (l, r) = (&m[..at], &m[at + 1..]);
+                    let known = |t: &str| vocab.contains_key(t);
+                    (known(l) && known(r) && known(&format!("{l}{r}"))).then(|| (l.to_string(), r.to_string()))
                 })
                 .collect();
             (
@@ -506,9 +511,8 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
         "added_tokens": added, "normalizer": normalizer, "pre_tokenizer": null, "post_processor": post,
         "decoder": decoder, "model": hf_model,
     });
-    let inner: tokenizers::Tokenizer = spec
-        .to_string()
-        .parse()
+    let inner: tokenizers::Tokenizer = crate::tokenizer::no_panic(|| spec.to_string().parse::<tokenizers::Tokenizer>())
+        .and_then(|r| r.map_err(|e| e.to_string()))
         .map_err(|e| err(g, format!("cannot build the tokenizer from its metadata: {e}")))?;
     let mut tok_config = serde_json::Map::new();
     for (name, i) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad), ("sep_token", sep)] {

@@ -84,7 +84,8 @@ impl Tokenizer {
         if !file.is_file() {
             return Err(Error::tok(format!("{}: no such tokenizer file", file.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file)
+        let inner = no_panic(|| tokenizers::Tokenizer::from_file(&file))
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| Error::tok(format!("{}: not a valid tokenizer.json: {e}", file.display())))?;
         let tok_config = read_json(&dir.join("tokenizer_config.json"))?;
         let config = read_json(&dir.join("config.json"))?;
@@ -256,6 +257,15 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// `f`, with a panic inside it (the `tokenizers` crate panics on some malformed files, e.g. a merge longer than
+/// every token) turned into its message: a bad file is a load error naming the file, not a crash.
+pub(crate) fn no_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        format!("the tokenizers library failed on it ({})", msg.unwrap_or_else(|| "a panic".into()))
+    })
 }
 
 fn short(text: &str) -> String {

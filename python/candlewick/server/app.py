@@ -32,7 +32,8 @@ from ..tools import CallParser, ToolPlan, parse_reply, tool_plan
 from .errors import APIError, BodyLimit, as_api_error, install
 from .metrics import Metrics
 from .scheduler import Scheduler, Submitted, completion, pieces
-from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from .schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
+                      TokenizeRequest)
 
 
 class Engine:
@@ -164,6 +165,16 @@ class Engine:
         """A token's text and its bytes (a byte-level BPE token may hold part of a UTF-8 character)."""
         tok = self.model.tokenizer
         return tok.decode([token_id], skip_special_tokens=False), list(tok.token_bytes(token_id))
+
+
+# What every route may answer besides 200, in the OpenAPI document (OpenAI's error object; a request that fails
+# validation is a 400 here, as OpenAI answers it, not FastAPI's 422).
+ERRORS: dict = {code: {"model": ErrorResponse, "description": what} for code, what in [
+    (400, "invalid request"), (401, "missing or wrong API key"), (404, "no such model"),
+    (413, "request body too large"), (429, "too many requests in flight"), (500, "internal error")]}
+# ... and the generation routes answer a JSON object, or server-sent events with "stream": true
+STREAMED: dict = {**ERRORS, 200: {"description": "the completion, or its chunks as server-sent events",
+                                  "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 def _now() -> int:
@@ -317,11 +328,12 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
         except ValueError as e:
             raise APIError(400, str(e), param="logit_bias") from None
 
-    @app.get("/health")
+    @app.get("/health", responses=ERRORS)
     async def health() -> dict:
         return {"status": "ok", "model": model_id, "active_requests": engine.in_flight}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={**ERRORS, 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}},
+                                                       "description": "Prometheus text format"}})
     async def metrics() -> Response:
         # off the event loop: the scheduler's gauges wait for the step in flight
         body = await engine.run(generate_latest, engine.metrics.registry)
@@ -332,7 +344,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
             raise APIError(400, "this model has no tokenizer", param="content")
         return model.tokenizer
 
-    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    @app.post("/tokenize", dependencies=[Depends(authorize)], responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict:
         tok = need_tokenizer()
         ids = await engine.run(functools.partial(tok.encode, body.content, add_special_tokens=body.add_special))
@@ -340,7 +352,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
             return {"tokens": ids}
         return {"tokens": [{"id": i, "piece": engine.token_text(i)[0]} for i in ids]}
 
-    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    @app.post("/detokenize", dependencies=[Depends(authorize)], responses=ERRORS)
     async def detokenize(body: DetokenizeRequest) -> dict:
         tok = need_tokenizer()
         vocab = model.config["vocab_size"]
@@ -349,18 +361,18 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
             raise APIError(400, f"token id {bad[0]} is out of range for a vocabulary of {vocab}", param="tokens")
         return {"content": await engine.run(functools.partial(tok.decode, body.tokens, skip_special_tokens=False))}
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses=ERRORS)
     async def list_models() -> dict:
         return {"object": "list", "data": [_model_card(model_id, created)]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)], responses=ERRORS)
     async def get_model(name: str) -> dict:
         check_model(name)
         return _model_card(model_id, created)
 
     # -- /v1/completions -----------------------------------------------------------------------------------------
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], responses=STREAMED)
     async def completions(body: CompletionRequest):
         check_model(body.model)
         check_generative()
@@ -442,7 +454,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
 
     # -- /v1/chat/completions ------------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], responses=STREAMED)
     async def chat_completions(body: ChatCompletionRequest):
         check_model(body.model)
         check_generative()
@@ -535,7 +547,7 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
 
     # -- /v1/embeddings ------------------------------------------------------------------------------------------
 
-    @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+    @app.post("/v1/embeddings", dependencies=[Depends(authorize)], responses=ERRORS)
     async def embeddings(body: EmbeddingRequest):
         check_model(body.model)
         if not engine.is_encoder:

@@ -125,3 +125,15 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """llama-server's /detokenize."""
     tokens: list[int]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Union[str, None] = None
+    code: Union[str, None] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object, which every 4xx and 5xx answer carries."""
+    error: ErrorDetail

@@ -5,6 +5,8 @@ use pyo3::prelude::*;
 mod bench;
 mod engine;
 mod errors;
+#[cfg(feature = "fuzz")]
+mod fuzz;
 mod generate;
 mod model;
 mod ops;
@@ -23,5 +25,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     generate::register(m)?;
     bench::register(m)?;
     m.add_function(wrap_pyfunction!(errors::_panic_for_test, m)?)?;
+    #[cfg(feature = "fuzz")]
+    m.add_function(wrap_pyfunction!(fuzz::_fuzz_coverage, m)?)?;
     Ok(())
 }
