@@ -207,6 +207,11 @@ def render(
         return "".join(out)
     except jinja2.exceptions.SecurityError as e:
         raise jinja2.exceptions.TemplateError(f"the chat template did something a template may not: {e}") from None
+    except jinja2.exceptions.TemplateError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
+        # a template (or the messages it was given) that fails while it runs: an error of the template, named
+        raise jinja2.exceptions.TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
     finally:
         _Bounds.local.deadline = None
 
