@@ -416,3 +416,30 @@ def test_request_body_over_the_limit_is_413(llama):
         assert get(s.url + "/health")[0] == 200
     finally:
         s.stop()
+
+
+def _preflight(url: str, origin: str) -> tuple[int, str | None]:
+    req = urllib.request.Request(url + "/v1/completions", method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers.get("access-control-allow-origin")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("access-control-allow-origin")
+
+
+def test_no_cors_unless_origins_are_allowed(server, llama):
+    # by default a browser page on another origin gets no CORS grant, so it cannot read the replies
+    status, allow = _preflight(server.url, "http://localhost:3000")
+    assert allow is None and status >= 400
+    s = Server(create_app(llama, "llama-tiny", api_key=KEY, allowed_origins=["http://localhost:3000"]))
+    try:
+        assert _preflight(s.url, "http://localhost:3000") == (200, "http://localhost:3000")
+        assert _preflight(s.url, "http://evil.example")[1] is None
+        req = urllib.request.Request(s.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}",
+                                                                    "Origin": "http://localhost:3000"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    finally:
+        s.stop()

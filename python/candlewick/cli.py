@@ -290,7 +290,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise InvalidArgument("--max-active and --max-batch-tokens must be >= 1 and --max-queue >= 0")
     app = create_app(model, model_id, api_key=args.api_key, workers=args.workers, max_active=args.max_active,
                      max_queue=args.max_queue, kv_cache_tokens=_kv_tokens(args.kv_cache, model),
-                     max_batch_tokens=args.max_batch_tokens, max_body_bytes=_bytes(args.max_body, "--max-body"))
+                     max_batch_tokens=args.max_batch_tokens, max_body_bytes=_bytes(args.max_body, "--max-body"),
+                     allowed_origins=args.allowed_origins)
     # Bind first, so that a busy port is a clear error and --port 0 can report the port it got.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -614,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="the model's name in the API (default: the folder name or hub id)")
     p.add_argument("--api-key", default=os.environ.get("CANDLEWICK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $CANDLEWICK_API_KEY, or none)")
+    p.add_argument("--allowed-origins", metavar="ORIGIN", action="append",
+                   help="a web page origin allowed to call the API from a browser (CORS), e.g. "
+                        "http://localhost:3000, or '*' for any; repeat for more (default: none)")
     p.add_argument("--workers", type=int, default=4,
                    help="threads tokenizing, rendering chat templates and embedding (default: 4)")
     p.add_argument("--max-active", type=int, default=64,

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from sse_starlette import EventSourceResponse
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -282,12 +283,14 @@ def _event(obj: Any) -> dict:
 
 def create_app(model: Model, model_id: str, api_key: str | None = None, *, workers: int = 4,
                max_active: int = 64, max_queue: int = 256, kv_cache_tokens: int | None = None,
-               max_batch_tokens: int = 512, max_body_bytes: int = 32 << 20) -> FastAPI:
+               max_batch_tokens: int = 512, max_body_bytes: int = 32 << 20,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI application serving `model` under the name `model_id`. With `api_key`, every /v1 request
     must carry `Authorization: Bearer <api_key>`. At most `max_active` sequences run in the batch and
     `max_queue` more requests wait; past that a request gets a 429. `kv_cache_tokens` sizes the KV cache (default:
     a quarter of the free memory); `max_batch_tokens` is the per-step token budget; `workers` threads tokenize,
-    render chat templates and embed. A request body over `max_body_bytes` gets a 413."""
+    render chat templates and embed. A request body over `max_body_bytes` gets a 413. Browsers on other origins
+    are refused (no CORS headers) unless `allowed_origins` lists them ("*" for any), as vLLM's --allowed-origins."""
     engine = Engine(model, workers=workers, max_active=max_active, max_queue=max_queue,
                     kv_cache_tokens=kv_cache_tokens, max_batch_tokens=max_batch_tokens)
 
@@ -303,6 +306,9 @@ def create_app(model: Model, model_id: str, api_key: str | None = None, *, worke
     app.state.model_id = model_id
     install(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     created = _now()
 
     async def authorize(request: Request) -> None:
