@@ -157,7 +157,11 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["range"] = _bounded_range
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except (RecursionError, MemoryError):
+        # jinja's parser and compiler recurse once per level of nesting: ((((... thousands deep overflows them
+        raise jinja2.exceptions.TemplateSyntaxError("the chat template is nested too deeply", 1) from None
 
 
 def special_tokens_map(named: Mapping[str, Any], additional: Sequence[Any] | None = None) -> dict[str, Any]:
