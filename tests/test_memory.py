@@ -106,3 +106,39 @@ def test_gguf_load_holds_each_weight_once(checkpoint, tmp_path):
     path = write_llama_gguf(checkpoint, tmp_path / "wide-q8.gguf", qtype=q8)
     tiny = write_llama_gguf(DATA / "llama-tiny", tmp_path / "tiny-q8.gguf", qtype=q8)
     assert peak_growth(path, tiny) <= 1.2 * path.stat().st_size
+
+
+TOKENIZER_ONLY = """
+import sys
+import candlewick as cw
+import candlewick._native
+
+def kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+
+cw.Tokenizer.from_pretrained(sys.argv[2])
+before = kib("VmRSS")
+cw.Tokenizer.from_pretrained(sys.argv[1])
+print(kib("VmHWM") - before)
+"""
+
+
+def test_smollm2_load_holds_each_weight_once(tmp_path):
+    """The real file: SmolLM2-135M-Instruct Q4_1 (94 MiB). Its 49k-token vocabulary is a tokenizer of ~25 MiB
+    in memory whatever the weights, so that is measured alone (a fresh interpreter again) and taken off."""
+    import gguf
+    from gguf_util import write_llama_gguf
+
+    from candlewick.default_model import smollm2_path
+
+    path = smollm2_path()
+    tiny = write_llama_gguf(DATA / "llama-tiny", tmp_path / "tiny-q4_1.gguf", qtype=gguf.GGMLQuantizationType.Q4_1)
+    load = peak_growth(path, tiny)
+    p = subprocess.run([sys.executable, "-c", TOKENIZER_ONLY, str(path), str(tiny)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    tokenizer = int(p.stdout.strip()) * 1024
+    assert tokenizer < 0.4 * load, (tokenizer, load)   # the tokenizer is the smaller part, measured apart
+    assert load - tokenizer <= 1.2 * path.stat().st_size, (load, tokenizer)

@@ -15,6 +15,13 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::tokenizer::Tokenizer;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::wordlevel::WordLevel;
+use tokenizers::models::ModelWrapper;
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::AddedToken;
 
 // llama.cpp's token types (llama_token_type)
 const NORMAL: i32 = 1;
@@ -393,13 +400,22 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
     let sep = pick("tokenizer.ggml.seperator_token_id", d_sep);
     let pad = pick("tokenizer.ggml.padding_token_id", d_pad);
 
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // The `tokenizers` pipeline is built from its parts, not from a tokenizer.json text: the vocabulary and merges
+    // of a 49k-token file as JSON values, text and serde's buffers took ~100 MB at the peak of a load.
+    let vocab = || {
+        let mut v = Vocab::with_capacity(n);
+        for (i, t) in tokens.iter().enumerate() {
+            v.insert(t.clone(), i as u32);
+        }
+        v
+    };
     let strip_decoder = json!({"type": "Sequence", "decoders": [
         {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
         {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]});
-    let word_level = |unk_name: &str| {
-        json!({"type": "WordLevel", "vocab": vocab, "unk_token": unk.map(|u| tokens[u].clone()).unwrap_or(unk_name.into())})
+    let unk_name = |default: &str| unk.map(|u| tokens[u].clone()).unwrap_or(default.into());
+    let word_level = |default: &str| -> std::result::Result<ModelWrapper, String> {
+        let m = WordLevel::builder().vocab(vocab()).unk_token(unk_name(default)).build();
+        Ok(m.map_err(|e| e.to_string())?.into())
     };
     let mut encoder = None;
     let mut add_bos_default = false;
@@ -411,14 +427,19 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
             // SentencePiece BPE as transformers' LlamaTokenizerFast has it: spaces as ▁ with one in front of
             // every piece of text, merges ranked by the score of the piece they make, unknown characters as
             // <0xXX> byte tokens
+            let mut bpe = BPE::builder()
+                .vocab_and_merges(vocab(), spm_merges(&tokens, &scores))
+                .fuse_unk(true)
+                .byte_fallback(true);
+            if let Some(u) = unk {
+                bpe = bpe.unk_token(tokens[u].clone());
+            }
             (
                 json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"},
                        {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]}),
                 strip_decoder,
-                json!({"type": "BPE", "dropout": null, "unk_token": unk.map(|u| tokens[u].clone()),
-                       "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                       "byte_fallback": true, "ignore_merges": false, "vocab": vocab,
-                       "merges": spm_merges(&tokens, &scores)}),
+                crate::tokenizer::no_panic(|| bpe.build().map(ModelWrapper::from).map_err(|e| e.to_string()))
+                    .and_then(|r| r),
             )
         }
         "gpt2" => {
@@ -437,25 +458,16 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
                 // the first rank of a repeated merge wins, as std::map::emplace keeps it
                 ranks.entry(l.to_string()).or_default().entry(r.to_string()).or_insert(i);
             }
+            drop(merges);
             encoder = Some(Kind::Bpe { split: Splitter::new(pre_type).map_err(|e| err(g, e))?, ranks, ignore_merges });
-            // The `tokenizers` model only decodes here (the encoder above encodes, as llama.cpp does), so it gets the
-            // merges whose halves and result are tokens: llama.cpp takes a file with others, and `tokenizers`
-            // would refuse it (or, when the result is longer than any token, panic).
-            let merges: Vec<(String, String)> = merges
-                .iter()
-                .filter_map(|m| {
-                    let at = m.char_indices().skip(1).find(|&(_, c)| c == ' ')?.0;
-                    let (l, r) = (&m[..at], &m[at + 1..]);
-                    let known = |t: &str| vocab.contains_key(t);
-                    (known(l) && known(r) && known(&format!("{l}{r}"))).then(|| (l.to_string(), r.to_string()))
-                })
-                .collect();
+            // The `tokenizers` model only decodes here (the encoder above encodes, as llama.cpp does), so it needs
+            // the vocabulary and no merges (llama.cpp takes files whose merges `tokenizers` would refuse).
+            let bpe = BPE::builder().vocab_and_merges(vocab(), Vec::new());
             (
                 serde_json::Value::Null,
                 json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
-                json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                       "vocab": vocab, "merges": merges}),
+                crate::tokenizer::no_panic(|| bpe.build().map(ModelWrapper::from).map_err(|e| e.to_string()))
+                    .and_then(|r| r),
             )
         }
         "bert" => {
@@ -491,12 +503,9 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
     let add_eos = opt_bool(g, "tokenizer.ggml.add_eos_token").unwrap_or(model == "t5");
     // split out of the text as llama.cpp's tokenizer_st_partition does (parse_special): control and unknown tokens
     // (special), user-defined ones (added, not special)
-    let added: Vec<serde_json::Value> = (0..n)
+    let added: Vec<AddedToken> = (0..n)
         .filter(|&i| control[i] || types[i] == USER_DEFINED || types[i] == UNKNOWN)
-        .map(|i| {
-            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": control[i] || types[i] == UNKNOWN})
-        })
+        .map(|i| AddedToken::from(tokens[i].clone(), control[i] || types[i] == UNKNOWN).normalized(false))
         .collect();
     let post = match (model.as_str(), add_bos, bos) {
         ("llama", true, Some(b)) => json!({"type": "TemplateProcessing",
@@ -506,13 +515,8 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
             "special_tokens": {tokens[b].clone(): {"id": tokens[b], "ids": [b], "tokens": [tokens[b]]}}}),
         _ => serde_json::Value::Null,
     };
-    let spec = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": added, "normalizer": normalizer, "pre_tokenizer": null, "post_processor": post,
-        "decoder": decoder, "model": hf_model,
-    });
-    let inner: tokenizers::Tokenizer = crate::tokenizer::no_panic(|| spec.to_string().parse::<tokenizers::Tokenizer>())
-        .and_then(|r| r.map_err(|e| e.to_string()))
+    let inner = hf_model
+        .and_then(|m| assemble(m, normalizer, decoder, post, added))
         .map_err(|e| err(g, format!("cannot build the tokenizer from its metadata: {e}")))?;
     let mut tok_config = serde_json::Map::new();
     for (name, i) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad), ("sep_token", sep)] {
@@ -563,6 +567,29 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
             }))
         }
     })
+}
+
+/// A `tokenizers` pipeline from its model, its small parts as tokenizer.json has them (null for none) and its added
+/// tokens (taken as tokenizer.json's `added_tokens` are: all at once, after the rest).
+fn assemble(
+    model: ModelWrapper,
+    normalizer: serde_json::Value,
+    decoder: serde_json::Value,
+    post: serde_json::Value,
+    added: Vec<AddedToken>,
+) -> std::result::Result<tokenizers::Tokenizer, String> {
+    crate::tokenizer::no_panic(|| -> std::result::Result<tokenizers::Tokenizer, String> {
+        let mut tok = tokenizers::Tokenizer::new(model);
+        fn part<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> std::result::Result<Option<T>, String> {
+            serde_json::from_value(v).map_err(|e| e.to_string())
+        }
+        tok.with_normalizer(part::<NormalizerWrapper>(normalizer)?).map_err(|e| e.to_string())?;
+        tok.with_decoder(part::<DecoderWrapper>(decoder)?);
+        tok.with_post_processor(part::<PostProcessorWrapper>(post)?);
+        tok.add_tokens(added).map_err(|e| e.to_string())?;
+        Ok(tok)
+    })
+    .and_then(|r| r)
 }
 
 /// BPE merges for a SentencePiece vocabulary, as transformers derives them for Llama tokenizers: every split of a

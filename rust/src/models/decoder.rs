@@ -96,7 +96,10 @@ impl Source<'_> {
                         // our block formats are repacked straight from the mapped file (one copy, not two)
                         if device.is_cpu() {
                             let (dtype, bytes) = g.raw(&name, &[*o, inp])?;
-                            if let Some(w) = crate::kernels::quant::QWeight::from_raw(dtype, bytes, *o, inp) {
+                            let release = |b: &[u8]| g.done_with(b);
+                            if let Some(w) =
+                                crate::kernels::quant::QWeight::from_raw_releasing(dtype, bytes, *o, inp, &release)
+                            {
                                 g.done_with(bytes);
                                 return Ok(Linear::Blocks(std::sync::Arc::new(w), bias_of(n, *o)?));
                             }

@@ -59,12 +59,24 @@ pub struct QWeight {
 impl QWeight {
     /// A GGUF tensor's raw bytes [out, inp] in `dtype`, repacked, when our kernels take that format.
     pub fn from_raw(dtype: candle_core::quantized::GgmlDType, data: &[u8], out: usize, inp: usize) -> Option<Self> {
+        Self::from_raw_releasing(dtype, data, out, inp, &|_| {})
+    }
+
+    /// `from_raw`, handing each stretch of `data` (about 1 MiB) to `release` once it is copied: a tensor read
+    /// from a file mapping then never holds both its mapped pages and its copy in full.
+    pub fn from_raw_releasing(
+        dtype: candle_core::quantized::GgmlDType,
+        data: &[u8],
+        out: usize,
+        inp: usize,
+        release: &dyn Fn(&[u8]),
+    ) -> Option<Self> {
         let kind = Kind::from_ggml(dtype)?;
         let (be, bb) = kind.ggml_block();
         if !inp.is_multiple_of(be) || data.len() != out * inp / be * bb {
             return None;
         }
-        Some(Self::repack(kind, data, out, inp))
+        Some(Self::repack(kind, data, out, inp, release))
     }
 
     /// Our kernels take the formats of `Kind` on the CPU; anything else stays with Candle's.

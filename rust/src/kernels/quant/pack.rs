@@ -50,7 +50,7 @@ pub(super) fn weight_q(w: &QWeight, gi: usize, lane: usize, j: usize) -> i32 {
 
 
 impl QWeight {
-    pub(super) fn repack(kind: Kind, data: &[u8], out: usize, inp: usize) -> Self {
+    pub(super) fn repack(kind: Kind, data: &[u8], out: usize, inp: usize, release: &dyn Fn(&[u8])) -> Self {
         let nb = inp / 32;
         let groups = out.div_ceil(ROWS);
         let (be, bb) = kind.ggml_block();
@@ -60,7 +60,12 @@ impl QWeight {
         let mut qs = vec![0u8; groups * nb * gb];
         let row_bytes = inp / be * bb;
         let (mut q, mut ds, mut ms) = (vec![0u8; inp], Vec::with_capacity(nb * spb), Vec::with_capacity(nb));
+        let mut released = 0;
         for r in 0..out {
+            if (r * row_bytes - released) >= 1 << 20 {
+                release(&data[released..r * row_bytes]);
+                released = r * row_bytes;
+            }
             let (g, lane) = (r / ROWS, r % ROWS);
             ds.clear();
             ms.clear();
