@@ -1,6 +1,9 @@
 """The maths of a Transformer in NumPy, float64 inside: the oracle that `candlewick.ops` is checked against.
 
-Each function is named after the formula in its docstring; shapes sit in the comments.
+Each function is named after the formula in its docstring; shapes sit in the comments. Beside each one the trainable
+ones have their backward pass, `NAME_backward(dy, *inputs)`: given dy = ∂L/∂y for the forward's output y, it
+returns ∂L/∂ of each input (in the forward's order), from the derivation written in its docstring. It takes the
+forward's own arguments and recomputes what it needs from them, so the two can be read side by side.
 Shape legend: B batch, T tokens (Tq queries, Tk keys), C channels (hidden), H heads, Hkv key/value heads,
 D head dim, V vocabulary, N rows.
 """
@@ -36,10 +39,22 @@ def softmax(x, axis=-1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def softmax_backward(dy, x, axis=-1) -> np.ndarray:
+    """y = softmax(x): ∂y_i/∂x_j = y_i (δ_ij - y_j), so dx_j = Σ_i dy_i y_i (δ_ij - y_j) = y_j (dy_j - Σ_i dy_i y_i)."""
+    y, dy = softmax(x, axis=axis), _f64(dy)
+    return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
+
+
 def log_softmax(x, axis=-1) -> np.ndarray:
     """log softmax(x)_i = x_i - logsumexp(x)."""
     x = _f64(x)
     return x - logsumexp(x, axis=axis, keepdims=True)
+
+
+def log_softmax_backward(dy, x, axis=-1) -> np.ndarray:
+    """y_i = x_i - logsumexp(x), ∂logsumexp/∂x_j = softmax(x)_j: dx_j = dy_j - softmax(x)_j Σ_i dy_i."""
+    dy = _f64(dy)
+    return dy - softmax(x, axis=axis) * np.sum(dy, axis=axis, keepdims=True)
 
 
 # --- attention --------------------------------------------------------------------------------------------------
@@ -93,6 +108,32 @@ def attention(q, k, v, *, causal=True, mask=None, scale=None) -> np.ndarray:
     return p @ repeat_kv(v, p.shape[1] // v.shape[1])                    # [B, H, Tq, D]
 
 
+def repeat_kv_backward(dy, n_rep: int) -> np.ndarray:
+    """Each kv head was copied to n_rep query heads, so its gradient is the sum over them.
+    [B, Hkv * n_rep, T, D] -> [B, Hkv, T, D]"""
+    B, H, T, D = dy.shape
+    return dy.reshape(B, H // n_rep, n_rep, T, D).sum(axis=2)
+
+
+def attention_backward(dy, q, k, v, *, causal=True, mask=None, scale=None):
+    """y = P v with P = softmax(S), S = q kᵀ · scale + M. Going back through each product:
+    dv = Pᵀ dy;  dP = dy vᵀ;  dS = softmax_backward(dP) (masked entries have P = 0, so dS = 0 there);
+    dq = dS k · scale;  dk = dSᵀ q · scale;  a kv head shared by a group of query heads sums their dk, dv.
+
+    dy [B, H, Tq, D], the forward's q, k, v and options. Returns (dq [B, H, Tq, D], dk, dv [B, Hkv, Tk, D])."""
+    q, k, v, dy = _f64(q), _f64(k), _f64(v), _f64(dy)
+    D, n_rep = q.shape[-1], q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    p = attention_weights(q, k, causal=causal, mask=mask, scale=scale)  # [B, H, Tq, Tk]
+    kr, vr = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                    # [B, H, Tk, D]
+    dv = np.swapaxes(p, -1, -2) @ dy                                     # [B, H, Tk, D]
+    dp = dy @ np.swapaxes(vr, -1, -2)                                    # [B, H, Tq, Tk]
+    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))               # softmax backward, [B, H, Tq, Tk]
+    dq = (ds @ kr) * scale                                               # [B, H, Tq, D]
+    dk = (np.swapaxes(ds, -1, -2) @ q) * scale                           # [B, H, Tk, D]
+    return dq, repeat_kv_backward(dk, n_rep), repeat_kv_backward(dv, n_rep)
+
+
 # --- losses -----------------------------------------------------------------------------------------------------
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
@@ -119,6 +160,26 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
     raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
 
 
+def cross_entropy_backward(dy, logits, targets, *, ignore_index=-100, reduction="mean") -> np.ndarray:
+    """CE_n = logsumexp(x_n) - x_n[y_n], so ∂CE_n/∂x_n = softmax(x_n) - onehot(y_n): the predicted distribution
+    minus the true one. Each row is weighted by what the reduction gave it: dy / (rows kept) for "mean", dy for
+    "sum", dy[n] for "none"; ignored rows get 0.
+
+    dy: a number ("mean", "sum") or [N] ("none"). Returns dlogits, the shape of logits."""
+    x = _f64(logits)
+    y = np.asarray(targets, dtype=np.int64).reshape(-1)                   # [N]
+    p = softmax(x.reshape(-1, x.shape[-1]))                               # [N, V]
+    keep = y != ignore_index
+    p[np.arange(len(y))[keep], y[keep]] -= 1.0                            # softmax - onehot
+    if reduction == "none":
+        w = _f64(dy).reshape(-1)
+    elif reduction in ("sum", "mean"):
+        w = np.full(len(y), float(dy) / (max(int(keep.sum()), 1) if reduction == "mean" else 1.0))
+    else:
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    return (p * np.where(keep, w, 0.0)[:, None]).reshape(x.shape)
+
+
 def kl_divergence(p_logits, q_logits) -> np.ndarray:
     """KL(p ‖ q) = Σ_i p_i (log p_i - log q_i), per row, with p = softmax(p_logits) and q = softmax(q_logits).
 
@@ -138,6 +199,27 @@ def linear(x, weight, bias=None) -> np.ndarray:
     return y if bias is None else y + bias
 
 
+def linear_backward(dy, x, weight, bias=None):
+    """y = x Wᵀ + b: dx = dy W, dW = dyᵀ x and db = Σ dy, both summed over every row (all leading axes).
+    Returns (dx [..., in], dW [out, in], db [out] or None)."""
+    dy, x = _f64(dy), _f64(x)
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # [N, out], [N, in]
+    return dy @ _f64(weight), dy2.T @ x2, None if bias is None else dy2.sum(axis=0)
+
+
+def embedding(ids, weight) -> np.ndarray:
+    """E[ids]: row i of W [V, C] is token i's vector.  [...] integer ids -> [..., C]"""
+    return _f64(weight)[np.asarray(ids)]
+
+
+def embedding_backward(dy, ids, weight) -> np.ndarray:
+    """y_t = W[ids_t]: each row of W gets the sum of dy at the positions where its token stands (np.add.at adds
+    repeated ids up; plain indexing would keep only one). Returns dW, the shape of W."""
+    dw = np.zeros(np.shape(weight))
+    np.add.at(dw, np.asarray(ids).reshape(-1), _f64(dy).reshape(-1, dw.shape[-1]))
+    return dw
+
+
 def layer_norm(x, weight, bias, eps=1e-5) -> np.ndarray:
     """LayerNorm(x) = (x - mean(x)) / √(var(x) + eps) · w + b over the last axis (biased variance)."""
     x = _f64(x)
@@ -148,11 +230,39 @@ def layer_norm(x, weight, bias, eps=1e-5) -> np.ndarray:
     return y if bias is None else y + bias
 
 
+def layer_norm_backward(dy, x, weight, bias, eps=1e-5):
+    """y = x̂ w + b with x̂ = (x - μ) / σ, σ = √(var + eps), over the C channels of each row. Then dw = Σ dy x̂,
+    db = Σ dy (over the rows), and with g = dy w, since μ and σ depend on every x_j:
+    dx = (g - mean(g) - x̂ mean(g x̂)) / σ.  Returns (dx, dw or None, db or None)."""
+    x, dy = _f64(x), _f64(dy)
+    mean = x.mean(axis=-1, keepdims=True)
+    sigma = np.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+    xhat = (x - mean) / sigma
+    g = dy if weight is None else dy * weight
+    dx = (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)) / sigma
+    rows = tuple(range(x.ndim - 1))
+    dw = None if weight is None else (dy * xhat).sum(axis=rows)
+    db = None if bias is None else dy.sum(axis=rows)
+    return dx, dw, db
+
+
 def rms_norm(x, weight, eps=1e-6) -> np.ndarray:
     """RMSNorm(x) = x / √(mean(x²) + eps) · w over the last axis (no centring, no bias)."""
     x = _f64(x)
     y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
     return y if weight is None else weight * y
+
+
+def rms_norm_backward(dy, x, weight, eps=1e-6):
+    """y = x̂ w with x̂ = x r, r = 1/√(mean(x²) + eps). Then dw = Σ dy x̂ over the rows, and with g = dy w,
+    since ∂r/∂x_j = -r³ x_j / C:  dx = r (g - x̂ mean(g x̂)).  Returns (dx, dw or None)."""
+    x, dy = _f64(x), _f64(dy)
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    xhat = x * r
+    g = dy if weight is None else dy * weight
+    dx = r * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dw = None if weight is None else (dy * xhat).sum(axis=tuple(range(x.ndim - 1)))
+    return dx, dw
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -169,6 +279,21 @@ def gelu(x, approximate="tanh") -> np.ndarray:
     raise ValueError(f"gelu: approximate must be 'tanh' or 'none', not {approximate!r}")
 
 
+def gelu_backward(dy, x, approximate="tanh") -> np.ndarray:
+    """d/dx x Φ(x) = Φ(x) + x φ(x), φ(x) = e^(-x²/2) / √(2π)                       approximate="none"
+    d/dx ½ x (1 + tanh u), u = √(2/π) (x + 0.044715 x³):
+         ½ (1 + tanh u) + ½ x (1 - tanh² u) √(2/π) (1 + 3 · 0.044715 x²)             approximate="tanh" """
+    x, dy = _f64(x), _f64(dy)
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = np.tanh(c * (x + 0.044715 * x**3))
+        return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x**2))
+    if approximate == "none":
+        cdf = 0.5 * (1.0 + np.asarray(_erf(x / math.sqrt(2.0)), dtype=np.float64))
+        return dy * (cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi))
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', not {approximate!r}")
+
+
 def sigmoid(x) -> np.ndarray:
     """σ(x) = 1 / (1 + e^-x), written with e^-|x| so that it never overflows."""
     x = _f64(x)
@@ -180,6 +305,12 @@ def silu(x) -> np.ndarray:
     """SiLU(x) = x σ(x) (also called swish)."""
     x = _f64(x)
     return x * sigmoid(x)
+
+
+def silu_backward(dy, x) -> np.ndarray:
+    """d/dx x σ(x) = σ(x) + x σ(x)(1 - σ(x)) = σ(x) (1 + x (1 - σ(x)))."""
+    s = sigmoid(x)
+    return _f64(dy) * s * (1.0 + _f64(x) * (1.0 - s))
 
 
 # --- rotary position embedding ----------------------------------------------------------------------------------
@@ -271,11 +402,27 @@ def rope(x, positions, *, theta=10000.0, scaling=None) -> np.ndarray:
 
     x [B, H, T, D] (or [..., T, D]); positions [T] or [B, T] integers. Returns the same shape as x."""
     x = _f64(x)
-    inv_freq = rope_inv_freq(x.shape[-1], theta, scaling)                    # [D/2]
+    cos, sin = rope_cos_sin(x.shape[-1], positions, theta, scaling)
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_cos_sin(head_dim: int, positions, theta=10000.0, scaling=None):
+    """cos(pω) and sin(pω) for each position p, each frequency written twice (for x_i and x_{i+D/2}), times
+    rope_attention_factor. positions [T] -> two [T, D]; [B, T] -> two [B, 1, T, D] (broadcast over heads)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)                       # [D/2]
     pos = np.asarray(positions, dtype=np.float64)
     angles = pos[..., None] * inv_freq                                       # [(B,) T, D/2]
     angles = np.concatenate([angles, angles], axis=-1)                       # [(B,) T, D]
     if pos.ndim == 2:
         angles = angles[:, None]                                             # [B, 1, T, D]
     m = rope_attention_factor(scaling)
-    return x * (np.cos(angles) * m) + rotate_half(x) * (np.sin(angles) * m)
+    return np.cos(angles) * m, np.sin(angles) * m
+
+
+def rope_backward(dy, positions, *, theta=10000.0, scaling=None) -> np.ndarray:
+    """RoPE is linear in x, y = x c + R(x) s with R = rotate_half, and R's transpose is -R (a 90° turn back):
+    dx = dy c + Rᵀ(dy s) = dy c - R(dy s), the rotation by the opposite angle. x itself is not needed.
+    Returns dx, the shape of dy."""
+    dy = _f64(dy)
+    cos, sin = rope_cos_sin(dy.shape[-1], positions, theta, scaling)
+    return dy * cos - rotate_half(dy * sin)

@@ -92,19 +92,26 @@ def load(path) -> "CausalLM | Encoder":
     module = ARCHITECTURES[model_type]
     check_fields(raw, model_type, folder / "config.json")
     config = module.Config.from_dict(raw)
-    params = module.load_params(load_weights(folder), config)
+    tensors = load_weights(folder)
+    params = module.load_params(tensors, config)
     tokenizer = Tokenizer.from_pretrained(folder)
     if module is bert:
         return Encoder(config, params, tokenizer, folder)
-    return CausalLM(module, config, params, tokenizer)
+    return CausalLM(module, config, params, tokenizer, tensors=tensors)
 
 
 class CausalLM:
-    """A decoder-only language model: logits, token_nll, perplexity and generate, all float64.
-    Every call runs the whole sequence again (no KV cache): slow, but nothing to get wrong."""
+    """A decoder-only language model: logits, token_nll, perplexity and generate, all float64, and for GPT-2 and
+    the Llama family loss_and_grads, for training. Every call runs the whole sequence again (no KV cache): slow,
+    but nothing to get wrong.
 
-    def __init__(self, module, config, params, tokenizer: Tokenizer):
+    `tensors` holds the checkpoint's arrays by their names in the file; `params` arranges the same arrays (not
+    copies) for the forward pass, so a change made in place to a tensor (an optimizer step) is what the next
+    forward pass sees."""
+
+    def __init__(self, module, config, params, tokenizer: Tokenizer, tensors: dict[str, np.ndarray] | None = None):
         self.module, self.config, self.params, self.tokenizer = module, config, params, tokenizer
+        self.tensors = tensors if tensors is not None else {}
 
     def _ids(self, ids_or_text) -> list[int]:
         ids = self.tokenizer.encode(ids_or_text) if isinstance(ids_or_text, str) else [int(i) for i in ids_or_text]
@@ -145,6 +152,24 @@ class CausalLM:
         """hidden Wᵀ with W = lm_head, or the architecture's own final_logits (Gemma soft-caps them)."""
         final = getattr(self.module, "final_logits", None)
         return final(self.params, self.config, hidden) if final else hidden @ self.params["lm_head"].T
+
+    def loss_and_grads(self, ids) -> tuple[float, dict[str, np.ndarray]]:
+        """L = -1/(T-1) Σ_t log p(x[t+1] | x[..t]), the mean next-token cross-entropy over one sequence of ids [T]
+        (or over every prediction of a batch [B, T]), and ∂L/∂θ for every parameter θ, keyed by the checkpoint's
+        own tensor names (a tied head adds its gradient to the embedding's). GPT-2 and the Llama family (Llama,
+        Mistral, Qwen2, Qwen3, SmolLM3)."""
+        backward = getattr(self.module, "loss_and_grads", None)
+        if backward is None:
+            raise NotImplementedError(f"{self.config.architecture}: the reference has no backward pass for it "
+                                      "(it has GPT-2 and the Llama family)")
+        batch = np.asarray(ids)
+        rows = np.asarray([self._ids(row) for row in (batch if batch.ndim == 2 else [batch])], dtype=np.int64)
+        if rows.shape[-1] < 2:
+            raise ValueError("loss_and_grads needs at least two tokens: one to read, one to predict")
+        loss, grads = backward(self.params, self.config, rows[:, :-1], rows[:, 1:])   # row t predicts token t + 1
+        prefix = getattr(self.module, "PREFIX", "")
+        return loss, {name if name in self.tensors or not self.tensors else prefix + name: g
+                      for name, g in grads.items()}
 
     def token_nll(self, text_or_ids) -> np.ndarray:
         """-log p(x[t+1] | x[..t]) for t = 0 .. T-2: float64 [T-1]."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..functional import ROPE_TYPES, gelu, rope, rope_type, silu
+from ..functional import ROPE_TYPES, gelu, gelu_backward, rope, rope_backward, rope_type, silu, silu_backward
 
 ARCHITECTURES_JSON = Path(__file__).resolve().parents[2] / "architectures.json"
 
@@ -79,6 +79,11 @@ class Rope:
         r = self.rotary_dim
         turned = rope(x[..., :r], positions, theta=self.theta, scaling=self.scaling)
         return turned if r == x.shape[-1] else np.concatenate([turned, x[..., r:]], axis=-1)
+
+    def backward(self, dy, positions):  # [B, H, T, D] -> [B, H, T, D]: the turned part turned back, the rest as is
+        r = self.rotary_dim
+        turned = rope_backward(dy[..., :r], positions, theta=self.theta, scaling=self.scaling)
+        return turned if r == dy.shape[-1] else np.concatenate([turned, dy[..., r:]], axis=-1)
 
 
 def rope_settings(d: dict, raw: dict, model_type: str, *, theta: float, head_dim: int,
@@ -180,10 +185,20 @@ ACTIVATIONS = {"silu": silu, "swish": silu,
                "gelu_new": gelu, "gelu_pytorch_tanh": gelu, "gelu_fast": gelu}  # the tanh approximation
 
 
+ACTIVATION_BACKWARDS = {"silu": silu_backward, "swish": silu_backward,
+                        "gelu": lambda dy, x: gelu_backward(dy, x, approximate="none"),
+                        "gelu_new": gelu_backward, "gelu_pytorch_tanh": gelu_backward, "gelu_fast": gelu_backward}
+
+
 def activation(name: str, model_type: str, key="hidden_act"):
     if name not in ACTIVATIONS:
         raise NotImplementedError(f"{model_type}: {key} {name!r} (the reference knows {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
+
+
+def activation_backward(name: str, model_type: str, key="hidden_act"):  # (dy, x) -> dx for the activation `name`
+    activation(name, model_type, key)
+    return ACTIVATION_BACKWARDS[name]
 
 
 # --- sliding windows -----------------------------------------------------------------------------------------------
@@ -253,6 +268,9 @@ def split_heads(x, n_head: int):  # [B, T, n_head * D] -> [B, n_head, T, D]
 def merge_heads(x):  # [B, H, T, D] -> [B, T, H * D]
     B, H, T, D = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+# split_heads and merge_heads only move numbers around, so each one's backward is the other.
 
 
 def softcap(x, cap):

@@ -5,6 +5,8 @@
       attn: softmax(q kᵀ · s + causal) v, s = 1/√D (1 with scale_attn_weights false), divided by layer + 1 more
             with scale_attn_by_inverse_layer_idx
     logits = ln_f(x) Wteᵀ          (the head is tied to the token embedding)
+Training (`loss_and_grads`): the same forward, keeping the activations each backward step needs, then the steps
+in reverse, each through its function's backward in reference.functional.
 Shape legend: B batch, T tokens, C channels (n_embd), H heads, D head dim (C / H), V vocabulary.
 """
 from __future__ import annotations
@@ -13,8 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..functional import attention, layer_norm
-from ._common import Weights, activation, merge_heads, split_heads
+from ..functional import (attention, attention_backward, cross_entropy, cross_entropy_backward, embedding,
+                          embedding_backward, layer_norm, layer_norm_backward, linear_backward)
+from ._common import Weights, activation, activation_backward, merge_heads, split_heads
+
+PREFIX = "transformer."  # of every tensor name but lm_head.weight, in transformers' files
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Config:
 def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
     """Checkpoint names -> a nested dict, checking every shape. The `transformer.` prefix is optional; Conv1D
     weights stay [in, out] as stored, so a layer is x @ w + b. A missing lm_head.weight means a tied head."""
-    w = Weights(tensors, "gpt2", prefix="transformer.")
+    w = Weights(tensors, "gpt2", prefix=PREFIX)
     take, C, V, F = w.take, cfg.n_embd, cfg.vocab_size, cfg.n_inner
 
     def block(i):
@@ -77,13 +82,15 @@ def load_params(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
             "ln_f": {"weight": take("ln_f.weight", (C,)), "bias": take("ln_f.bias", (C,))}, "lm_head": lm_head}
 
 
+def attn_scale(cfg: Config, layer: int) -> float:
+    scale = 1.0 / np.sqrt(cfg.n_embd // cfg.n_head) if cfg.scale_attn_weights else 1.0
+    return scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
+
+
 def mha(x, p, cfg: Config, layer: int):  # [B, T, C] -> [B, T, C]
     qkv = x @ p["c_attn"]["w"] + p["c_attn"]["b"]                           # [B, T, 3C]
     q, k, v = (split_heads(a, cfg.n_head) for a in np.split(qkv, 3, axis=-1))  # 3 x [B, H, T, D]
-    scale = 1.0 / np.sqrt(q.shape[-1]) if cfg.scale_attn_weights else 1.0
-    if cfg.scale_attn_by_inverse_layer_idx:
-        scale /= layer + 1
-    y = attention(q, k, v, causal=True, scale=scale)                          # [B, H, T, D]
+    y = attention(q, k, v, causal=True, scale=attn_scale(cfg, layer))         # [B, H, T, D]
     return merge_heads(y) @ p["attn_proj"]["w"] + p["attn_proj"]["b"]        # [B, T, C]
 
 
@@ -108,3 +115,78 @@ def hidden_states(params, cfg: Config, ids, *, all_layers=False):  # [B, T] -> [
         layers.append(x)
     x = layer_norm(x, **params["ln_f"], eps=cfg.layer_norm_epsilon)
     return layers + [x] if all_layers else x
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def conv1d_backward(dy, x, w):
+    """y = x w + b with w [in, out] (GPT-2's Conv1D, nn.Linear's weight transposed): dx = dy wᵀ, dw = xᵀ dy,
+    db = Σ dy. Returns (dx, dw [in, out], db)."""
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])      # [N, out], [N, in]
+    return dy @ w.T, x2.T @ dy2, dy2.sum(axis=0)
+
+
+def block_forward(x, p, cfg: Config, layer: int):  # [B, T, C] -> ([B, T, C], the activations block_backward needs)
+    """block(), written out step by step, keeping what the backward pass reads."""
+    eps, act = cfg.layer_norm_epsilon, activation(cfg.activation_function, "gpt2")
+    h1 = layer_norm(x, **p["ln_1"], eps=eps)                                  # [B, T, C]
+    qkv = h1 @ p["c_attn"]["w"] + p["c_attn"]["b"]                          # [B, T, 3C]
+    q, k, v = (split_heads(a, cfg.n_head) for a in np.split(qkv, 3, axis=-1))  # 3 x [B, H, T, D]
+    a = merge_heads(attention(q, k, v, causal=True, scale=attn_scale(cfg, layer)))  # [B, T, C]
+    x1 = x + a @ p["attn_proj"]["w"] + p["attn_proj"]["b"]                   # [B, T, C]
+    h2 = layer_norm(x1, **p["ln_2"], eps=eps)                                # [B, T, C]
+    f = h2 @ p["c_fc"]["w"] + p["c_fc"]["b"]                                 # [B, T, 4C]
+    g = act(f)
+    x2 = x1 + g @ p["mlp_proj"]["w"] + p["mlp_proj"]["b"]                    # [B, T, C]
+    return x2, dict(x=x, h1=h1, q=q, k=k, v=v, a=a, x1=x1, h2=h2, f=f, g=g)
+
+
+def block_backward(dx2, c: dict, p, cfg: Config, layer: int, grads: dict):  # [B, T, C] -> [B, T, C]
+    """The steps of block_forward in reverse. A residual x + F(x) passes its gradient on unchanged and adds
+    F's: dx = dy + F_backward(dy). Parameter gradients go into `grads` under the checkpoint's names."""
+    eps, h = cfg.layer_norm_epsilon, f"h.{layer}."
+    act_backward = activation_backward(cfg.activation_function, "gpt2")
+    dg, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = conv1d_backward(dx2, c["g"], p["mlp_proj"]["w"])
+    df = act_backward(dg, c["f"])
+    dh2, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = conv1d_backward(df, c["h2"], p["c_fc"]["w"])
+    dln2, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layer_norm_backward(dh2, c["x1"], **p["ln_2"], eps=eps)
+    dx1 = dx2 + dln2
+    da, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = conv1d_backward(dx1, c["a"],
+                                                                                         p["attn_proj"]["w"])
+    dq, dk, dv = attention_backward(split_heads(da, cfg.n_head), c["q"], c["k"], c["v"], causal=True,
+                                    scale=attn_scale(cfg, layer))             # 3 x [B, H, T, D]
+    dqkv = np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # [B, T, 3C]
+    dh1, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = conv1d_backward(dqkv, c["h1"],
+                                                                                          p["c_attn"]["w"])
+    dln1, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layer_norm_backward(dh1, c["x"], **p["ln_1"], eps=eps)
+    return dx1 + dln1
+
+
+def loss_and_grads(params, cfg: Config, ids, targets):  # [B, T], [B, T] -> (float, {name: gradient})
+    """L = mean over the B·T positions of -log softmax(logits)[target], and ∂L/∂ every parameter, keyed by the
+    checkpoint's names without the `transformer.` prefix. A tied head's gradient is added to wte's (one matrix
+    used twice gets the sum of both uses)."""
+    ids, eps, grads = np.asarray(ids), cfg.layer_norm_epsilon, {}
+    T = ids.shape[-1]
+    x = embedding(ids, params["wte"]) + params["wpe"][:T]                    # [B, T, C]
+    caches = []
+    for i, p in enumerate(params["blocks"]):
+        x, cache = block_forward(x, p, cfg, i)
+        caches.append(cache)
+    hf = layer_norm(x, **params["ln_f"], eps=eps)                            # [B, T, C]
+    logits = hf @ params["lm_head"].T                                        # [B, T, V]
+    loss = cross_entropy(logits, targets)
+
+    dlogits = cross_entropy_backward(1.0, logits, targets)                   # [B, T, V]
+    dhf, dhead, _ = linear_backward(dlogits, hf, params["lm_head"])
+    dx, grads["ln_f.weight"], grads["ln_f.bias"] = layer_norm_backward(dhf, x, **params["ln_f"], eps=eps)
+    for i in reversed(range(len(params["blocks"]))):
+        dx = block_backward(dx, caches[i], params["blocks"][i], cfg, i, grads)
+    grads["wte.weight"] = embedding_backward(dx, ids, params["wte"])
+    grads["wpe.weight"] = np.zeros_like(params["wpe"])
+    grads["wpe.weight"][:T] = dx.reshape(-1, T, dx.shape[-1]).sum(axis=0)   # position t is used by every row
+    if params["lm_head"] is params["wte"]:
+        grads["wte.weight"] += dhead
+    else:
+        grads["lm_head.weight"] = dhead
+    return loss, grads

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from ._common import decoder_fields, global_rope_dict, rope_settings
 from .llama import Config as LlamaConfig
-from .llama import hidden_states, load_params, sliding_windows
+from .llama import PREFIX, hidden_states, load_params, loss_and_grads, sliding_windows
 
-__all__ = ["Config", "load_params", "hidden_states"]
+__all__ = ["Config", "load_params", "hidden_states", "loss_and_grads", "PREFIX"]
 
 
 @dataclass

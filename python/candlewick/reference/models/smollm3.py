@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from ._common import decoder_fields, global_rope_dict, rope_settings, windows_from_layer_types
 from .llama import Config as LlamaConfig
-from .llama import hidden_states, load_params
+from .llama import PREFIX, hidden_states, load_params, loss_and_grads
 
-__all__ = ["Config", "load_params", "hidden_states", "rope_layers"]
+__all__ = ["Config", "load_params", "hidden_states", "loss_and_grads", "PREFIX", "rope_layers"]
 
 
 def rope_layers(d: dict) -> list[bool]:
