@@ -1,4 +1,4 @@
-"""The `candlewick` command line: generate, chat, embed, perplexity, tokenize, serve, bench, check."""
+"""The `candlewick` command line: generate, chat, embed, perplexity, tokenize, serve, bench, check, batch."""
 from __future__ import annotations
 
 import argparse
@@ -664,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed deviation of the logits (default: 1e-4, for float32)")
     p.set_defaults(func=_cmd_check)
+
+    from .batch import add_parser as add_batch_parser  # candlewick/batch.py
+
+    add_batch_parser(sub, load, _sampling_options(256, "tokens to generate per row at most (default: 256)"))
     return parser
 
 
