@@ -19,7 +19,7 @@ from conftest import DATA, minilm_path
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
 ENV.pop("CANDLEWICK_DEBUG", None)
-COMMANDS = ["generate", "chat", "embed", "perplexity", "tokenize", "serve", "bench", "check"]
+COMMANDS = ["generate", "chat", "embed", "perplexity", "tokenize", "serve", "bench", "check", "batch"]
 
 
 def run(*args, input: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
