@@ -1,4 +1,5 @@
-"""The `candlewick` command line: generate, chat, embed, perplexity, tokenize, serve, bench, check, batch."""
+"""The `candlewick` command line: generate, chat, embed, perplexity, tokenize, serve, bench, check, batch, train and
+eval."""
 from __future__ import annotations
 
 import argparse
@@ -668,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch import add_parser as add_batch_parser  # candlewick/batch.py
 
     add_batch_parser(sub, load, _sampling_options(256, "tokens to generate per row at most (default: 256)"))
+
+    from .train_cli import add_commands as add_train_commands  # candlewick/train_cli.py: train, eval
+
+    add_train_commands(sub, load, MODEL_HELP)
     return parser
 
 

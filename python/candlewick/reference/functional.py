@@ -273,7 +273,7 @@ def gelu(x, approximate="tanh") -> np.ndarray:
                ≈ ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))          approximate="tanh" (GPT-2's "gelu_new")"""
     x = _f64(x)
     if approximate == "tanh":
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
     if approximate == "none":
         return 0.5 * x * (1.0 + np.asarray(_erf(x / math.sqrt(2.0)), dtype=np.float64))
     raise ValueError(f"gelu: approximate must be 'tanh' or 'none', not {approximate!r}")
@@ -286,8 +286,8 @@ def gelu_backward(dy, x, approximate="tanh") -> np.ndarray:
     x, dy = _f64(x), _f64(dy)
     if approximate == "tanh":
         c = math.sqrt(2.0 / math.pi)
-        t = np.tanh(c * (x + 0.044715 * x**3))
-        return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x**2))
+        t = np.tanh(c * (x + 0.044715 * x * x * x))
+        return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x))
     if approximate == "none":
         cdf = 0.5 * (1.0 + np.asarray(_erf(x / math.sqrt(2.0)), dtype=np.float64))
         return dy * (cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi))

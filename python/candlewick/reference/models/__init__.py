@@ -163,8 +163,9 @@ class CausalLM:
             raise NotImplementedError(f"{self.config.architecture}: the reference has no backward pass for it "
                                       "(it has GPT-2 and the Llama family)")
         batch = np.asarray(ids)
-        rows = np.asarray([self._ids(row) for row in (batch if batch.ndim == 2 else [batch])], dtype=np.int64)
-        if rows.shape[-1] < 2:
+        rows = np.asarray([self._ids(row[:-1]) + self._ids(row[-1:]) for row in (batch if batch.ndim == 2 else [batch])
+                           if len(row) >= 2], dtype=np.int64)  # the model reads all but the last token of a row
+        if rows.size == 0:
             raise ValueError("loss_and_grads needs at least two tokens: one to read, one to predict")
         loss, grads = backward(self.params, self.config, rows[:, :-1], rows[:, 1:])   # row t predicts token t + 1
         prefix = getattr(self.module, "PREFIX", "")
