@@ -208,3 +208,13 @@ def test_serve_deployment_answers_the_openai_client(cluster):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         serve.shutdown()
+
+
+def test_ray_page_examples_run(cluster, monkeypatch, capsys):
+    """docs/ray.md's python blocks, on this module's cluster (the page's ```py blocks need Serve's default port)."""
+    from test_docs import run_page
+
+    run_page("ray.md", monkeypatch, 2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("(384,)") and out[1].split()[0].isdigit() and out[1].endswith(("length", "stop"))
+    assert float(out[3]) > 1
