@@ -135,12 +135,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         vocab = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
         config = T.new_config(args.arch, len(vocab), n_layer=args.layers, n_embd=args.dim, n_head=args.heads,
                               n_kv_head=args.kv_heads, context=args.context)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-        class Fresh:  # what save_checkpoint reads
-            tensors = T.init_weights(config, np.random.default_rng(args.seed))
-
-        T.save_checkpoint(Fresh, out)
+        T.new_checkpoint(out, config, out / "tokenizer.json", seed=args.seed)
         lr = 3e-3 if args.lr is None else args.lr
 
     model = reference.load(source if args.from_ckpt else out)

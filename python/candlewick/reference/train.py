@@ -251,14 +251,35 @@ def init_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarray
     return w
 
 
-def save_checkpoint(model, folder, dtype=np.float32) -> Path:
-    """model.tensors (under the checkpoint's own names) into FOLDER/model.safetensors, as `dtype` (float32: what
+def save_weights(tensors: dict[str, np.ndarray], folder, dtype=np.float32) -> Path:
+    """The tensors, under their checkpoint names, into FOLDER/model.safetensors as `dtype` (float32: what
     candlewick.load and transformers read fastest). Integer buffers are written as they are."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v)
-               for k, v in model.tensors.items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    arrays = {k: np.ascontiguousarray(v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v)
+              for k, v in tensors.items()}
+    save_file(arrays, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder / "model.safetensors"
+
+
+def save_checkpoint(model, folder, dtype=np.float32) -> Path:
+    """A trained reference model's weights into FOLDER/model.safetensors (its config and tokenizer are already
+    there, or copied by the caller)."""
+    return save_weights(model.tensors, folder, dtype)
+
+
+def new_checkpoint(folder, config: dict, tokenizer_json, *, seed: int = 0) -> Path:
+    """A fresh model in FOLDER: config.json, a copy of tokenizer_json, and init_weights(config,
+    np.random.default_rng(seed)) in model.safetensors. Returns the folder, for reference.load."""
+    import json
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if Path(tokenizer_json).resolve() != (folder / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
+    save_weights(init_weights(config, np.random.default_rng(seed)), folder)
+    return folder
