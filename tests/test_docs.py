@@ -41,3 +41,23 @@ def test_structured_page_examples_run(monkeypatch, capsys):
     run_page("structured.md", monkeypatch, 3)
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith(" stop") and out.splitlines()[1].startswith("call ")
+
+
+def run_doctest_page(page: str, monkeypatch) -> "doctest.TestResults":
+    """The >>> examples of docs/`page` as one doctest, from the repository root. A markdown fence closing a block
+    ends the expected output before it, as a blank line does."""
+    import doctest
+
+    monkeypatch.chdir(ROOT)
+    text = re.sub(r"^```\w*$", "", (ROOT / "docs" / page).read_text(encoding="utf-8"), flags=re.M)
+    test = doctest.DocTestParser().get_doctest(text, {}, page, f"docs/{page}", 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    return runner.summarize(verbose=False)
+
+
+def test_tutorial_runs_as_a_doctest(monkeypatch):
+    """docs/tutorial.md, the whole path from a text to a trained model in the engine: every >>> example runs, in
+    order, and prints what the page says it prints."""
+    result = run_doctest_page("tutorial.md", monkeypatch)
+    assert result.attempted >= 60 and result.failed == 0, result

@@ -114,7 +114,7 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str | N
     sys_len = ref_len = 0
     counts, totals = [0] * N, [0] * N
     for i, hyp in enumerate(hypotheses):
-        refs = [prepare(stream[i]) for stream in references if stream[i] is not None]
+        refs = [prepare(r) for r in (stream[i] for stream in references) if r is not None]
         best: Counter = Counter()
         for r in refs:
             best |= _ngrams(r, N)                                  # max count of each n-gram over the references
@@ -133,7 +133,7 @@ def bleu_from_counts(counts: list[int], totals: list[int], sys_len: int, ref_len
                      effective_order: bool = False) -> BleuScore:
     """BLEU from its sufficient statistics (sacrebleu's BLEU.compute_bleu)."""
     N = len(counts)
-    value = SMOOTH_DEFAULTS[smooth_method] if smooth_value is None else smooth_value
+    value = float(SMOOTH_DEFAULTS[smooth_method] or 0.0) if smooth_value is None else float(smooth_value)
     bp = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len > 0 else 0.0)
     precisions = [0.0] * N
     if not any(counts):
@@ -207,10 +207,9 @@ class NGramLM:
     def fit(self, sequences: Iterable[int] | Iterable[Iterable[int]]) -> "NGramLM":
         """Count the n-grams of one sequence of token ids or of several (no n-gram crosses from one to the next).
         Returns self."""
-        seqs = list(sequences)
-        if seqs and not isinstance(seqs[0], (list, tuple, np.ndarray)):
-            seqs = [seqs]
-        seqs = [[int(t) for t in s] for s in seqs]
+        given = list(sequences)
+        parts = given if given and isinstance(given[0], (list, tuple, np.ndarray)) else [given]
+        seqs: list[list[int]] = [[int(t) for t in s] for s in parts]  # type: ignore[attr-defined]
         top = max((max(s) for s in seqs if s), default=-1)
         if self.vocab_size is None:
             self.vocab_size = top + 1
@@ -268,8 +267,9 @@ class NGramLM:
         p = np.full(V, 1.0 / V)
         for j in range(len(h) + 1):  # from the unigrams up to the full context
             sub = h[len(h) - j:]
-            row = (self.counts[j] if j == len(h) else self.continuation[j]).get(sub)
-            if row:
+            found = (self.counts[j] if j == len(h) else self.continuation[j]).get(sub)
+            if found:
+                row = found
                 total, D = sum(row.values()), self.discount
                 p = p * (D * len(row) / total)
                 ids = np.fromiter(row.keys(), dtype=np.int64, count=len(row))

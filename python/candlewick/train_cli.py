@@ -139,20 +139,22 @@ def _cmd_train(args: argparse.Namespace) -> None:
         lr = 3e-3 if args.lr is None else args.lr
 
     model = reference.load(source if args.from_ckpt else out)
+    if not isinstance(model, reference.CausalLM):
+        raise InvalidArgument(f"--from: {args.from_ckpt} is an encoder; only language models train here")
     block = min(args.block_size or model.config.context_length, model.config.context_length)
     ids = encode_text(out / "tokenizer.json", text)
     train_ids, val_ids = T.split_train_val(ids, args.val_fraction)
     if len(train_ids) < block + 1 or len(val_ids) < block + 1:
         raise InvalidArgument(f"{data}: {len(ids)} tokens is too short for windows of {block + 1} tokens in both "
                               f"the training part and the validation tail (--block-size, --val-fraction)")
-    config = T.TrainConfig(steps=args.steps, batch_size=args.batch_size, block_size=block, lr=lr, min_lr=lr / 10,
-                           warmup=min(args.warmup, args.steps // 10 + 1), eval_every=args.eval_every)
+    settings = T.TrainConfig(steps=args.steps, batch_size=args.batch_size, block_size=block, lr=lr, min_lr=lr / 10,
+                             warmup=min(args.warmup, args.steps // 10 + 1), eval_every=args.eval_every)
     n_params = sum(v.size for v in model.tensors.values())
     what = f"fine-tuning {args.from_ckpt}" if args.from_ckpt else f"{model.config.architecture} from scratch"
     print(f"{what}: {n_params:,} parameters, {len(train_ids):,} training and {len(val_ids):,} validation tokens, "
-          f"{config.steps} steps of {config.batch_size} x {block} tokens", file=sys.stderr)
+          f"{settings.steps} steps of {settings.batch_size} x {block} tokens", file=sys.stderr)
 
-    bar = _progress(total=config.steps, desc="train", unit="step")
+    bar = _progress(total=settings.steps, desc="train", unit="step")
     last_val: list[float] = []
 
     def on_step(row) -> None:
@@ -163,22 +165,23 @@ def _cmd_train(args: argparse.Namespace) -> None:
             bar.set_postfix(loss=f"{row.train_loss:.3f}", val=f"{last_val[-1]:.3f}", tok_s=f"{row.tokens_per_s:.0f}")
 
     start = time.perf_counter()
-    history = T.train(model, train_ids, val_ids, config, seed=args.seed, on_step=on_step)
+    history = T.train(model, train_ids, val_ids, settings, seed=args.seed, on_step=on_step)
     seconds = time.perf_counter() - start
     bar.close()
 
     T.save_checkpoint(model, out)
     write_metrics(history, out / "metrics.csv")
     plot_losses(history, out / "loss.png", f"{out.name}: {what}, {n_params:,} parameters, seed {args.seed}")
-    tokens = config.steps * config.batch_size * block
+    tokens = settings.steps * settings.batch_size * block
     summary = {"data": str(data), "from": args.from_ckpt, "arch": model.config.raw["model_type"], "parameters": n_params,
-               "seed": args.seed, "steps": config.steps, "batch_size": config.batch_size, "block_size": block,
+               "seed": args.seed, "steps": settings.steps, "batch_size": settings.batch_size, "block_size": block,
                "lr": lr, "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
                "val_loss_before": history[0].val_loss, "val_loss_after": history[-1].val_loss,
                "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1)}
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    before, after = float(history[0].val_loss or 0.0), float(history[-1].val_loss or 0.0)
     print(f"validation loss {history[0].val_loss:.4f} -> {history[-1].val_loss:.4f} (perplexity "
-          f"{math.exp(history[0].val_loss):.1f} -> {math.exp(history[-1].val_loss):.1f}) in {seconds:.1f} s, "
+          f"{math.exp(before):.1f} -> {math.exp(after):.1f}) in {seconds:.1f} s, "
           f"{tokens / seconds:.0f} training tokens/s; wrote {out}")
 
 
