@@ -46,8 +46,11 @@ def write_llama_gguf(
     arch: str = "llama",
     quantize_embeddings: bool = True,
     spm: dict | None = None,
+    qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
 ) -> Path:
-    """`spm`: a SentencePiece vocabulary (as in tests/data/spm-llamacpp.json) instead of the folder's tokenizer."""
+    """`spm`: a SentencePiece vocabulary (as in tests/data/spm-llamacpp.json) instead of the folder's tokenizer.
+    `qtypes`: a format per tensor kind ("attn_k", "ffn_up", ...) in place of `qtype`, as llama.cpp's mixes
+    (Q4_K_M and friends) store them."""
     cfg = json.loads((folder / "config.json").read_text())
     tok = json.loads((folder / "tokenizer.json").read_text())
     tcfg = json.loads((folder / "tokenizer_config.json").read_text())
@@ -77,9 +80,11 @@ def write_llama_gguf(
 
     def add(name: str, arr: np.ndarray, quantize: bool = True):
         arr = np.ascontiguousarray(arr.astype(np.float32))
-        if qtype is not None and quantize and arr.ndim == 2:
-            data = arr.astype(np.float16) if qtype == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(arr, qtype)
-            writer.add_tensor(name, data, raw_dtype=qtype)
+        kind = name.split(".")[-2]
+        qt = (qtypes or {}).get(kind, qtype)
+        if qt is not None and quantize and arr.ndim == 2:
+            data = arr.astype(np.float16) if qt == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(arr, qt)
+            writer.add_tensor(name, data, raw_dtype=qt)
         else:
             writer.add_tensor(name, arr)
 

@@ -159,4 +159,5 @@ def test_long_inputs_encode_as_the_tokenizer_json(tmp_path):
     for text in ["我想在apple工作" * 2000, ((root / "README.md").read_text() + (root / "docs/decisions.md").read_text()) * 10]:
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == hf.encode(text, add_special_tokens=False)
-        assert tok.decode(ids) == text
+        # (the docs name special tokens such as <|endoftext|>, which encode as themselves)
+        assert tok.decode(ids, skip_special_tokens=False) == text

@@ -13,8 +13,9 @@ from numpy.typing import NDArray
 __version__: str
 __all__ = [
     "Engine",
-    "__version__", "_panic_for_test",
-    "IncrementalDecoder", "Model", "Stream", "Tokenizer", "bench_decode", "bench_prefill", "ops_attention",
+    "__version__", "_decode_steps", "_panic_for_test", "_set_decode_step",
+    "IncrementalDecoder", "Model", "Stream", "Tokenizer", "bench_decode", "bench_matvec", "bench_prefill",
+    "bench_stream", "ops_attention",
     "ops_cross_entropy", "ops_gelu", "ops_layer_norm", "ops_log_softmax", "ops_rms_norm", "ops_rope", "ops_silu",
     "ops_softmax", "sample_tokens", "sampling_probs",
 ]
@@ -87,6 +88,14 @@ def sampling_probs(
 def sample_tokens(logits: NDArray[np.float32], seed: int, draws: int, params: dict[str, Any]) -> list[int]: ...
 def bench_prefill(model: Model, n_tokens: int) -> float: ...
 def bench_decode(model: Model, prompt_len: int, n_tokens: int) -> float: ...
+def bench_matvec(format: str, out: int, inp: int, reps: int) -> float: ...
+def bench_stream(bytes: int, reps: int) -> float: ...
+def _set_decode_step(on: bool) -> bool:
+    """Let decode steps take the thread team's path or not (tests and benches compare the two); the setting before."""
+    ...
+def _decode_steps() -> int:
+    """Decode steps that took the thread team's path so far in this process."""
+    ...
 
 # The kernels of candlewick.ops (see there for the maths and shapes).
 def ops_softmax(x: _F32, axis: int = -1) -> _F32: ...

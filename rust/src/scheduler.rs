@@ -20,7 +20,6 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::DType;
 
 use crate::constraint::{self, Constraint, Masked};
 use crate::error::{Error, Result};
@@ -578,12 +577,7 @@ impl Scheduler {
                     p
                 })
                 .collect();
-            let hidden = self.model.forward_paged(&ids, &positions, &slots, &seqs, &self.pool, &out_rows)?;
-            if out_rows.is_empty() {
-                vec![]
-            } else {
-                self.model.lm_head(&hidden)?.to_dtype(DType::F32)?.to_vec2::<f32>()?
-            }
+            self.model.paged_logits(&ids, &positions, &slots, &seqs, &mut self.pool, &out_rows)?
         };
         self.counters.computed_tokens += total as u64;
         let mut forks = vec![];

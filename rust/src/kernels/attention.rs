@@ -126,8 +126,8 @@ pub fn attention(
 #[allow(clippy::too_many_arguments)]
 pub fn paged(
     q: &Tensor,
-    kpool: &Tensor,
-    vpool: &Tensor,
+    kd: &[f32],
+    vd: &[f32],
     seqs: &[crate::nn::paged::PagedSeq],
     block_size: usize,
     hkv: usize,
@@ -135,85 +135,139 @@ pub fn paged(
     window: Option<usize>,
     softcap: Option<f64>,
 ) -> Result<Option<Tensor>> {
-    if ![q, kpool, vpool].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32) {
+    if !q.device().is_cpu() || q.dtype() != DType::F32 {
         return Ok(None);
     }
     let (one, h, n, d) = q.dims4()?;
-    let (slots, width) = kpool.dims2()?;
-    if one != 1 || hkv == 0 || h % hkv != 0 || width != hkv * d || vpool.dims2()? != (slots, width) || block_size == 0 {
+    if one != 1 {
         return Ok(None);
     }
-    if !kpool.is_contiguous() || !vpool.is_contiguous() {
-        return Ok(None);
-    }
-    // every sequence's rows inside the batch, its context covered by its blocks, every block inside the pool
-    let nb = slots / block_size;
-    let fits = seqs.iter().all(|s| {
-        s.row0 + s.rows <= n
-            && s.rows <= s.ctx
-            && s.blocks.len() * block_size >= s.ctx
-            && s.blocks[..s.ctx.div_ceil(block_size)].iter().all(|&b| (b as usize) < nb)
-    });
-    if !fits {
+    let Some(job) = Paged::new(seqs, n, h, hkv, d, kd.len(), block_size, scale, window, softcap) else { return Ok(None) };
+    if vd.len() != kd.len() {
         return Ok(None);
     }
     let q = q.contiguous()?;
-    let rep = h / hkv;
-    let scale = scale as f32;
-    let mut tasks = vec![];
-    for (si, s) in seqs.iter().enumerate() {
-        for g in 0..hkv {
-            for i0 in (0..s.rows).step_by(QBLOCK) {
-                tasks.push((si, g, i0));
-            }
-        }
-    }
     let mut out = vec![0f32; h * n * d];
     {
         let (qg, ql) = q.storage_and_layout();
-        let (kg, kl) = kpool.storage_and_layout();
-        let (vg, vl) = vpool.storage_and_layout();
-        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else { return Ok(None) };
+        let Storage::Cpu(qc) = &*qg else { return Ok(None) };
         let qd = &qc.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + h * n * d];
-        let kd = &kc.as_slice::<f32>()?[kl.start_offset()..kl.start_offset() + slots * width];
-        let vd = &vc.as_slice::<f32>()?[vl.start_offset()..vl.start_offset() + slots * width];
         let dst = SendPtr(out.as_mut_ptr());
-        let task = |&(si, g, i0): &(usize, usize, usize)| {
-            let s = &seqs[si];
-            let rows = QBLOCK.min(s.rows - i0);
-            let off = s.ctx - s.rows; // query i sits at position off + i
-            let kend = off + i0 + rows;
-            let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
-            let mut segs: Vec<Seg> = Vec::with_capacity((kend - kstart).div_ceil(block_size) + 1);
-            let mut j = kstart;
-            while j < kend {
-                let (blk, at) = (j / block_size, j % block_size);
-                let len = (block_size - at).min(kend - j);
-                let slot = s.blocks[blk] as usize * block_size + at;
-                let off = slot * width + g * d;
-                match segs.last_mut() {
-                    // blocks next to each other in the pool are one run
-                    Some(last) if last.k + last.len * width == off => last.len += len,
-                    _ => segs.push(Seg { k: off, v: off, len }),
-                }
-                j += len;
-            }
-            let row = g * rep * n + s.row0 + i0; // the group's first head's first query
-            let span = Span { kend: kend - kstart, causal_first: Some(off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
-            let kv = Kv { k: kd, k_rs: width, v: vd, v_rs: width, segs: &segs };
-            let rg = Rows { heads: rep, rows, hs: n * d, rs: d, d };
-            // SAFETY: task (sequence, group, i0) alone writes rows i0..i0+rows of that sequence in heads
-            // g·rep..(g+1)·rep, which lie inside `out` and `q` (row0 + rows <= N was checked above).
-            unsafe { block(&qd[row * d..], &rg, &kv, span, None, 0, scale, softcap.map(|c| c as f32), dst.get().add(row * d)) };
-        };
+        // SAFETY: `Paged::new` checked the shapes against q's, the pools' and out's sizes; tasks write disjoint rows.
+        let task = |i: usize| unsafe { job.run(i, qd, kd, vd, dst.get()) };
         let work: usize = seqs.iter().map(|s| s.rows * s.ctx).sum::<usize>() * d * h;
-        if tasks.len() > 1 && work >= 1 << 17 {
-            tasks.par_iter().for_each(task);
+        if job.len() > 1 && work >= 1 << 17 {
+            (0..job.len()).into_par_iter().for_each(task);
         } else {
-            tasks.iter().for_each(task);
+            (0..job.len()).for_each(task);
         }
     }
     Ok(Some(Tensor::from_vec(out, (1, h, n, d), q.device())?))
+}
+
+/// The tasks of one paged attention: per (sequence, KV head, block of 64 queries), each writing its rows of the
+/// output [H, N, D] from queries laid out alike and a pool's keys and values [S, Hkv·D]. The tasks of one job are
+/// independent, so any thread may run any of them (the decode team claims them one by one).
+pub struct Paged<'a> {
+    tasks: Vec<(usize, usize, usize)>,
+    seqs: &'a [crate::nn::paged::PagedSeq<'a>],
+    n: usize,
+    rep: usize,
+    d: usize,
+    width: usize,
+    block_size: usize,
+    scale: f32,
+    window: Option<usize>,
+    softcap: Option<f32>,
+}
+
+impl<'a> Paged<'a> {
+    /// None where the kernel does not apply (heads not a multiple of the KV heads, a pool not [S, Hkv·D] of
+    /// `pool_len` values, a sequence whose rows or blocks fall outside the batch or the pool).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        seqs: &'a [crate::nn::paged::PagedSeq<'a>],
+        n: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+        pool_len: usize,
+        block_size: usize,
+        scale: f64,
+        window: Option<usize>,
+        softcap: Option<f64>,
+    ) -> Option<Self> {
+        let width = hkv * d;
+        if hkv == 0 || d == 0 || !h.is_multiple_of(hkv) || block_size == 0 || !pool_len.is_multiple_of(width) {
+            return None;
+        }
+        // every sequence's rows inside the batch, its context covered by its blocks, every block inside the pool
+        let nb = pool_len / width / block_size;
+        let fits = seqs.iter().all(|s| {
+            s.row0 + s.rows <= n
+                && s.rows <= s.ctx
+                && s.blocks.len() * block_size >= s.ctx
+                && s.blocks[..s.ctx.div_ceil(block_size)].iter().all(|&b| (b as usize) < nb)
+        });
+        if !fits {
+            return None;
+        }
+        let mut tasks = vec![];
+        for (si, s) in seqs.iter().enumerate() {
+            for g in 0..hkv {
+                for i0 in (0..s.rows).step_by(QBLOCK) {
+                    tasks.push((si, g, i0));
+                }
+            }
+        }
+        let scale = scale as f32;
+        Some(Self { tasks, seqs, n, rep: h / hkv, d, width, block_size, scale, window, softcap: softcap.map(|c| c as f32) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Task `i`: its rows of `out` from `qd` [H, N, D] and the pools `kd`, `vd`.
+    ///
+    /// # Safety
+    /// `qd` and `out` hold [H, N, D] for the N and H of `new`, the pools `pool_len` values each; no other thread
+    /// writes the pool slots the task reads, nor the rows of `out` it writes, while it runs (no two tasks write
+    /// the same rows).
+    pub unsafe fn run(&self, i: usize, qd: &[f32], kd: &[f32], vd: &[f32], out: *mut f32) {
+        let (si, g, i0) = self.tasks[i];
+        let (n, d, width, block_size, window) = (self.n, self.d, self.width, self.block_size, self.window);
+        let s = &self.seqs[si];
+        let rows = QBLOCK.min(s.rows - i0);
+        let off = s.ctx - s.rows; // query i sits at position off + i
+        let kend = off + i0 + rows;
+        let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
+        let mut segs: Vec<Seg> = Vec::with_capacity((kend - kstart).div_ceil(block_size) + 1);
+        let mut j = kstart;
+        while j < kend {
+            let (blk, at) = (j / block_size, j % block_size);
+            let len = (block_size - at).min(kend - j);
+            let slot = s.blocks[blk] as usize * block_size + at;
+            let off = slot * width + g * d;
+            match segs.last_mut() {
+                // blocks next to each other in the pool are one run
+                Some(last) if last.k + last.len * width == off => last.len += len,
+                _ => segs.push(Seg { k: off, v: off, len }),
+            }
+            j += len;
+        }
+        let row = g * self.rep * n + s.row0 + i0; // the group's first head's first query
+        let span = Span { kend: kend - kstart, causal_first: Some(off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
+        let kv = Kv { k: kd, k_rs: width, v: vd, v_rs: width, segs: &segs };
+        let rg = Rows { heads: self.rep, rows, hs: n * d, rs: d, d };
+        // SAFETY: task (sequence, group, i0) alone writes rows i0..i0+rows of that sequence in heads
+        // g·rep..(g+1)·rep, which lie inside `out` and `qd` (row0 + rows <= N was checked by `new`).
+        unsafe { block(&qd[row * d..], &rg, &kv, span, None, 0, self.scale, self.softcap, out.add(row * d)) };
+    }
 }
 
 /// Which keys (indices relative to the block's first key) the rows of a block see.

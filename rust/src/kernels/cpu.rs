@@ -114,6 +114,70 @@ impl SendPtr {
     }
 }
 
+/// A buffer that the threads of one parallel job write in disjoint parts, and read once those writes are done
+/// (a barrier between), as the decode team's stages do. Its accessors are unsafe: the caller keeps writes and
+/// reads apart.
+pub struct SyncBuf<T> {
+    ptr: *mut T,
+    len: usize,
+    _own: Vec<T>,
+}
+
+// SAFETY: the buffer is owned memory like a Vec's; access goes through the unsafe accessors, whose callers keep
+// threads' writes to disjoint elements and apart (in time) from reads.
+unsafe impl<T: Send> Send for SyncBuf<T> {}
+// SAFETY: as for Send.
+unsafe impl<T: Send> Sync for SyncBuf<T> {}
+
+impl<T: Copy + Default> SyncBuf<T> {
+    pub fn new(len: usize) -> Self {
+        let mut own = vec![T::default(); len];
+        Self { ptr: own.as_mut_ptr(), len, _own: own }
+    }
+
+    pub fn from_vec(mut own: Vec<T>) -> Self {
+        Self { ptr: own.as_mut_ptr(), len: own.len(), _own: own }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements `start..start + n` to write.
+    ///
+    /// # Safety
+    /// No other reference to these elements is alive while the slice is (no other thread writes them, no
+    /// `get` covers them).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn part_mut(&self, start: usize, n: usize) -> &mut [T] {
+        assert!(start + n <= self.len, "SyncBuf: {start}+{n} past {}", self.len);
+        // SAFETY: inside the allocation (checked); exclusive by the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), n) }
+    }
+
+    /// The whole buffer to read.
+    ///
+    /// # Safety
+    /// No thread writes any element while the slice is alive.
+    pub unsafe fn get(&self) -> &[T] {
+        // SAFETY: the whole allocation; no writes by the caller's promise.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The first element, for kernels that write through raw pointers (under `part_mut`'s rules).
+    pub fn ptr(&self) -> *mut T {
+        self.ptr
+    }
+
+    pub fn into_vec(self) -> Vec<T> {
+        self._own
+    }
+}
+
 /// Run f(0..n_tasks) on rayon's pool, returning when all are done (a single task runs on the caller).
 pub(crate) fn par_tasks(n_tasks: usize, f: impl Fn(usize) + Sync) {
     if n_tasks <= 1 {

@@ -6,7 +6,8 @@
 //! - `quant`: llama.cpp's block formats (format: the GGML blocks; pack: the repacked rows; tile: the
 //!   integer dot-product kernels);
 //! - `attention`: blocked causal attention without a score tensor;
-//! - `act`: vectorised GELU, SiLU, SwiGLU and the softmax exponentials.
+//! - `act`: vectorised GELU, SiLU, SwiGLU and the softmax exponentials;
+//! - `team`: every thread on one job in stages with barriers between (the decode step).
 //!
 //! The layers that hold weights and call these (and fall back to Candle elsewhere) live in `crate::nn`.
 
@@ -15,6 +16,7 @@ pub mod attention;
 pub mod cpu;
 pub mod dense;
 pub mod quant;
+pub mod team;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -17,6 +17,9 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
+#[path = "decode_step.rs"]
+pub mod step;
+
 use super::{last_rows, merge_heads, split_heads};
 use crate::nn::{embed, Cache, KvPool, Linear, Norm, PagedSeq, Table};
 use crate::config::{activation, Act, Config, Residual};
@@ -291,6 +294,8 @@ pub struct Decoder {
     /// GGUF "llama" files store q/k permuted for llama.cpp's interleaved ("normal") RoPE; HF checkpoints and
     /// llama.cpp's other architectures use rotate_half ("neox").
     rope_interleaved: bool,
+    /// what a decode step on the thread team needs (None: every step takes the general path)
+    step_plan: Option<Box<step::Plan>>,
 }
 
 impl Decoder {
@@ -400,7 +405,7 @@ impl Decoder {
                 Ok(((cos * a)?.to_dtype(act)?, (sin * a)?.to_dtype(act)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut m = Self {
             cfg: cfg.clone(),
             embed_tokens,
             embed_positions,
@@ -412,7 +417,10 @@ impl Decoder {
             mlp_act,
             // llama.cpp's converter permutes q/k for its interleaved RoPE in Llama and SmolLM3 files
             rope_interleaved: gguf && matches!(cfg.model_type.as_str(), "llama" | "smollm3"),
-        })
+            step_plan: None,
+        };
+        m.step_plan = step::Plan::new(&m).map(Box::new);
+        Ok(m)
     }
 
     /// RoPE on the first `rotary_dim` dimensions of each head of x [B, n, T, D]; cos/sin [B, T, rotary_dim/2].
@@ -482,13 +490,35 @@ impl Decoder {
     ///
     /// Every projection, norm and MLP works on the N rows as one matrix; attention goes sequence by sequence over
     /// the pool (nn::paged). The last block runs attention and MLP for `out_rows` only.
+    /// `forward_paged` and the output projection: the logits of `out_rows`, through the team's decode step where
+    /// it applies (`step`), else the general path.
+    pub fn paged_logits(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        slots: &[u32],
+        seqs: &[PagedSeq],
+        pool: &mut KvPool,
+        out_rows: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let hidden = match self.decode_step(ids, positions, slots, seqs, pool, out_rows)? {
+            Some(step::StepOut::Logits(l)) => return Ok(l),
+            Some(step::StepOut::Hidden(h)) => h,
+            None => self.forward_paged(ids, positions, slots, seqs, pool, out_rows)?,
+        };
+        if out_rows.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(self.lm_head(&hidden)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
     pub fn forward_paged(
         &self,
         ids: &[u32],
         positions: &[u32],
         slots: &[u32],
         seqs: &[PagedSeq],
-        pool: &KvPool,
+        pool: &mut KvPool,
         out_rows: &[u32],
     ) -> Result<Tensor> {
         let n = ids.len();
@@ -542,11 +572,10 @@ impl Decoder {
             if last && out_rows.is_empty() {
                 return Ok(Tensor::zeros((0, self.cfg.hidden_size), x.dtype(), dev)?); // a step of prompt chunks only
             }
-            let (pk, pv) = pool.layer(i);
             let scale = self.cfg.attn_scale / if self.cfg.attn_scale_by_layer { (i + 1) as f64 } else { 1.0 };
             let bs = pool.block_size;
             let (q, att_seqs) = if last { (q.contiguous()?.index_select(&last_idx, 2)?, &last_seqs[..]) } else { (q, seqs) };
-            let y = crate::nn::paged::attention(&q, pk, pv, att_seqs, bs, hkv, scale, blk.window, self.cfg.attn_softcap)?;
+            let y = crate::nn::paged::attention(&q, pool.layer(i), att_seqs, bs, hkv, scale, blk.window, self.cfg.attn_softcap)?;
             if last {
                 x = x.contiguous()?.index_select(&last_idx, 1)?;
             }

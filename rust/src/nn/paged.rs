@@ -1,7 +1,7 @@
 //! The paged KV cache: keys and values of every running sequence in one pool of fixed-size blocks, and the
 //! automatic prefix cache over those blocks.
 //!
-//! Per layer the pool is two tensors [num_blocks · block_size, Hkv·D] (slot s = block · block_size + offset), so
+//! Per layer the pool is two arrays [num_blocks · block_size, Hkv·D] (slot s = block · block_size + offset), so
 //! the keys of a run of consecutive positions inside one block are one contiguous piece: writing a step's keys is
 //! one copy per sequence and layer, and attention reads a block's keys for a head at a fixed stride. A sequence
 //! owns a list of blocks (its block table); sequences of any length share the pool.
@@ -38,12 +38,28 @@ pub struct PrefixStats {
     pub evicted_blocks: u64,
 }
 
+/// Keys and values of every layer: f32 arrays in memory on the CPU (which the kernels read and write in place),
+/// tensors elsewhere.
+enum Store {
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    Device { k: Vec<Tensor>, v: Vec<Tensor> },
+}
+
+/// Every layer's keys and values [S, Hkv·D] in memory, to write in place: (keys, values) by layer.
+pub type HostKv<'a> = (&'a mut [Vec<f32>], &'a mut [Vec<f32>]);
+
+/// One layer's keys and values [S, Hkv·D], as `KvPool::layer` lends them.
+#[derive(Clone, Copy)]
+pub enum LayerKv<'a> {
+    Host { k: &'a [f32], v: &'a [f32] },
+    Device { k: &'a Tensor, v: &'a Tensor },
+}
+
 pub struct KvPool {
     pub block_size: usize,
     num_blocks: usize,
-    /// per layer: keys and values [num_blocks · block_size, Hkv·D]
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    width: usize,
+    store: Store,
     refs: Vec<u32>,
     /// blocks holding nothing
     free: Vec<u32>,
@@ -67,14 +83,21 @@ impl KvPool {
             return Err(Error::arg(format!("kv cache: {num_blocks} blocks is too many")));
         }
         let slots = num_blocks * block_size;
-        let zeros = || Tensor::zeros((slots, width), dtype, device);
-        let k = (0..layers).map(|_| zeros()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = (0..layers).map(|_| zeros()).collect::<candle_core::Result<Vec<_>>>()?;
+        let store = if device.is_cpu() && dtype == DType::F32 {
+            // zeroed by the allocator: pages no sequence reaches are never touched
+            let zeros = || vec![0f32; slots * width];
+            Store::Host { k: (0..layers).map(|_| zeros()).collect(), v: (0..layers).map(|_| zeros()).collect() }
+        } else {
+            let zeros = || Tensor::zeros((slots, width), dtype, device);
+            let k = (0..layers).map(|_| zeros()).collect::<candle_core::Result<Vec<_>>>()?;
+            let v = (0..layers).map(|_| zeros()).collect::<candle_core::Result<Vec<_>>>()?;
+            Store::Device { k, v }
+        };
         Ok(Self {
             block_size,
             num_blocks,
-            k,
-            v,
+            width,
+            store,
             refs: vec![0; num_blocks],
             free: (0..num_blocks as u32).rev().collect(),
             key_of: vec![None; num_blocks],
@@ -106,8 +129,24 @@ impl KvPool {
         self.free.len() + self.lru.len()
     }
 
-    pub fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
-        (&self.k[i], &self.v[i])
+    /// Values per slot (Hkv·D).
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn layer(&self, i: usize) -> LayerKv<'_> {
+        match &self.store {
+            Store::Host { k, v } => LayerKv::Host { k: &k[i], v: &v[i] },
+            Store::Device { k, v } => LayerKv::Device { k: &k[i], v: &v[i] },
+        }
+    }
+
+    /// Every layer's key and value arrays, to be written in place (None off the CPU).
+    pub fn host_mut(&mut self) -> Option<HostKv<'_>> {
+        match &mut self.store {
+            Store::Host { k, v } => Some((k, v)),
+            Store::Device { .. } => None,
+        }
     }
 
     /// A block for one sequence (reference count 1): an empty one, else the least recently used cached one.
@@ -195,27 +234,53 @@ impl KvPool {
 
     /// Write rows of `k`, `v` [N, Hkv·D] to the pool slots `slots` (one per row) of layer `layer`; runs of
     /// consecutive slots are one copy each.
-    pub fn write(&self, layer: usize, slots: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
-        let (pk, pv) = (&self.k[layer], &self.v[layer]);
-        let mut r = 0;
-        while r < slots.len() {
-            let mut e = r + 1;
-            while e < slots.len() && slots[e] == slots[e - 1] + 1 {
-                e += 1;
+    pub fn write(&mut self, layer: usize, slots: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
+        let w = self.width;
+        match &mut self.store {
+            Store::Host { k: pk, v: pv } => {
+                let (kr, vr) = (k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                if kr.len() != slots.len() * w || vr.len() != slots.len() * w {
+                    return Err(Error::arg(format!("kv cache: {} rows of {w} for {} slots", kr.len() / w.max(1), slots.len())));
+                }
+                for (r, &slot) in slots.iter().enumerate() {
+                    let at = slot as usize * w;
+                    pk[layer][at..at + w].copy_from_slice(&kr[r * w..(r + 1) * w]);
+                    pv[layer][at..at + w].copy_from_slice(&vr[r * w..(r + 1) * w]);
+                }
             }
-            pk.slice_set(&k.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
-            pv.slice_set(&v.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
-            r = e;
+            Store::Device { k: pk, v: pv } => {
+                let (pk, pv) = (&pk[layer], &pv[layer]);
+                let mut r = 0;
+                while r < slots.len() {
+                    let mut e = r + 1;
+                    while e < slots.len() && slots[e] == slots[e - 1] + 1 {
+                        e += 1;
+                    }
+                    pk.slice_set(&k.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
+                    pv.slice_set(&v.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
+                    r = e;
+                }
+            }
         }
         Ok(())
     }
 
     /// Copy block `src`'s keys and values (every layer) into block `dst`.
-    pub fn copy_block(&self, src: u32, dst: u32) -> Result<()> {
+    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         let bs = self.block_size;
-        for (pk, pv) in self.k.iter().zip(&self.v) {
-            pk.slice_set(&pk.narrow(0, src as usize * bs, bs)?.copy()?, 0, dst as usize * bs)?;
-            pv.slice_set(&pv.narrow(0, src as usize * bs, bs)?.copy()?, 0, dst as usize * bs)?;
+        match &mut self.store {
+            Store::Host { k, v } => {
+                let n = bs * self.width;
+                for buf in k.iter_mut().chain(v.iter_mut()) {
+                    buf.copy_within(src as usize * n..(src as usize + 1) * n, dst as usize * n);
+                }
+            }
+            Store::Device { k, v } => {
+                for (pk, pv) in k.iter().zip(v.iter()) {
+                    pk.slice_set(&pk.narrow(0, src as usize * bs, bs)?.copy()?, 0, dst as usize * bs)?;
+                    pv.slice_set(&pv.narrow(0, src as usize * bs, bs)?.copy()?, 0, dst as usize * bs)?;
+                }
+            }
         }
         Ok(())
     }
@@ -237,8 +302,7 @@ pub struct PagedSeq<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    kv: LayerKv,
     seqs: &[PagedSeq],
     block_size: usize,
     hkv: usize,
@@ -246,10 +310,12 @@ pub fn attention(
     window: Option<usize>,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    if let Some(y) = crate::kernels::attention::paged(q, k, v, seqs, block_size, hkv, scale, window, softcap)? {
-        return Ok(y);
+    if let LayerKv::Host { k, v } = kv {
+        if let Some(y) = crate::kernels::attention::paged(q, k, v, seqs, block_size, hkv, scale, window, softcap)? {
+            return Ok(y);
+        }
     }
-    attention_gathered(q, k, v, seqs, block_size, hkv, scale, window, softcap)
+    attention_gathered(q, kv, seqs, block_size, hkv, scale, window, softcap)
 }
 
 /// `attention` by gathering each sequence's keys and values into a contiguous [1, Hkv, ctx, D] and calling
@@ -257,8 +323,7 @@ pub fn attention(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_gathered(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    kv: LayerKv,
     seqs: &[PagedSeq],
     block_size: usize,
     hkv: usize,
@@ -267,6 +332,15 @@ pub fn attention_gathered(
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (_, _, _, d) = q.dims4()?;
+    let host;
+    let (k, v) = match kv {
+        LayerKv::Device { k, v } => (k, v),
+        LayerKv::Host { k, v } => {
+            let rows = k.len() / (hkv * d).max(1);
+            host = (Tensor::from_slice(k, (rows, hkv * d), q.device())?, Tensor::from_slice(v, (rows, hkv * d), q.device())?);
+            (&host.0, &host.1)
+        }
+    };
     let mut out = Vec::with_capacity(seqs.len());
     for s in seqs.iter().filter(|s| s.rows > 0) {
         let slots: Vec<u32> = (0..s.ctx).map(|j| s.blocks[j / block_size] * block_size as u32 + (j % block_size) as u32).collect();
@@ -321,7 +395,7 @@ mod tests {
     fn kernel_matches_gathered() {
         let dev = Device::Cpu;
         let (h, hkv, d, bs) = (6, 2, 16, 4);
-        let pool = KvPool::new(1, 40, bs, hkv * d, DType::F32, &dev).unwrap();
+        let mut pool = KvPool::new(1, 40, bs, hkv * d, DType::F32, &dev).unwrap();
         let kv = Tensor::randn(0f32, 1.0, (40 * bs, hkv * d), &dev).unwrap();
         pool.write(0, &(0..160).collect::<Vec<u32>>(), &kv, &(kv.clone() * 0.5).unwrap()).unwrap();
         // blocks scrambled, and in pool order (consecutive blocks are read as one run)
@@ -343,10 +417,9 @@ mod tests {
             b0 += nb;
         }
         let q = Tensor::randn(0f32, 1.0, (1, h, row0, d), &dev).unwrap();
-        let (k, v) = pool.layer(0);
         for (window, softcap) in [(None, None), (Some(5), None), (None, Some(3.0))] {
-            let got = attention(&q, k, v, &seqs, bs, hkv, 0.25, window, softcap).unwrap();
-            let want = attention_gathered(&q, k, v, &seqs, bs, hkv, 0.25, window, softcap).unwrap();
+            let got = attention(&q, pool.layer(0), &seqs, bs, hkv, 0.25, window, softcap).unwrap();
+            let want = attention_gathered(&q, pool.layer(0), &seqs, bs, hkv, 0.25, window, softcap).unwrap();
             let diff: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             assert!(diff < 2e-5, "window {window:?} softcap {softcap:?}: max difference {diff}");
         }

@@ -70,7 +70,91 @@ fn bench_decode(py: Python<'_>, model: PyRef<'_, PyModel>, prompt_len: usize, n_
     .py()
 }
 
+/// Seconds for `reps` matrix-vector products y = W·x with W [out, inp] in a GGUF block format ("Q4_1", "Q8_0",
+/// ...) or dense ("F32", "BF16", "F16"), by the kernels decode uses (every thread of the pool, as in decode); the
+/// weights are random. With a matrix the size of a model, this is the streaming rate decode can hope for.
+#[pyfunction]
+fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usize) -> PyResult<f64> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device};
+    let dense = match format {
+        "F32" => Some(DType::F32),
+        "BF16" => Some(DType::BF16),
+        "F16" => Some(DType::F16),
+        _ => None,
+    };
+    let quant = match format {
+        "Q4_0" => Some(GgmlDType::Q4_0),
+        "Q4_1" => Some(GgmlDType::Q4_1),
+        "Q5_0" => Some(GgmlDType::Q5_0),
+        "Q5_1" => Some(GgmlDType::Q5_1),
+        "Q8_0" => Some(GgmlDType::Q8_0),
+        "Q4_K" => Some(GgmlDType::Q4K),
+        "Q5_K" => Some(GgmlDType::Q5K),
+        "Q6_K" => Some(GgmlDType::Q6K),
+        _ => None,
+    };
+    if dense.is_none() && quant.is_none() {
+        return Err(crate::Error::arg(format!("bench_matvec: no kernel for format {format:?}"))).py();
+    }
+    detach(py, "bench_matvec", || -> crate::Result<f64> {
+        let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu)?;
+        let lin = match (dense, quant) {
+            (Some(dt), _) => crate::nn::Linear::dense(w.to_dtype(dt)?, None)?,
+            (_, Some(q)) => crate::nn::Linear::from_qtensor(QTensor::quantize(&w, q)?, None)?,
+            _ => unreachable!("one of the two is set"),
+        };
+        drop(w);
+        let x = Tensor::randn(0f32, 1.0, (1, inp), &Device::Cpu)?;
+        crate::device::on_workers(|| -> crate::Result<f64> {
+            std::hint::black_box(lin.forward(&x)?);
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(lin.forward(&x)?);
+            }
+            Ok(t0.elapsed().as_secs_f64())
+        })
+    })
+    .py()
+}
+
+/// Seconds for `reps` reads of a `bytes`-long buffer by every thread of the pool (each its share, summed):
+/// what the memory gives to a pure stream.
+#[pyfunction]
+fn bench_stream(py: Python<'_>, bytes: usize, reps: usize) -> PyResult<f64> {
+    use rayon::prelude::*;
+    detach(py, "bench_stream", || -> crate::Result<f64> {
+        let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+        let per = buf.len().div_ceil(crate::kernels::cpu::threads().max(1) * 4).max(1);
+        let sum = || buf.par_chunks(per).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum());
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(sum());
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    })
+    .py()
+}
+
+/// Let decode steps take the thread team's path (`models::decoder::step`) or not; returns the setting before.
+/// For tests and benches that compare the two paths in one process.
+#[pyfunction]
+fn _set_decode_step(on: bool) -> bool {
+    crate::models::decoder::step::set_enabled(on)
+}
+
+/// Decode steps that took the team's path so far in this process.
+#[pyfunction]
+fn _decode_steps() -> u64 {
+    crate::models::decoder::step::steps()
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_set_decode_step, m)?)?;
+    m.add_function(wrap_pyfunction!(_decode_steps, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_matvec, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_stream, m)?)?;
     m.add_function(wrap_pyfunction!(bench_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(bench_decode, m)?)?;
     Ok(())

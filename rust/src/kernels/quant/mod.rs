@@ -30,7 +30,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels::cpu::{self, Isa};
 pub use format::Kind;
-use tile::{quantize_acts, tile_fn, TILE};
+pub use tile::ActsRef;
+use tile::{quantize_acts, quantize_into, tile_fn, TILE};
 
 /// Rows interleaved per group (one 512-bit register of i32 lanes).
 const ROWS: usize = 16;
@@ -96,20 +97,37 @@ impl QWeight {
         self.inp
     }
 
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Groups of 16 output rows (the last one padded).
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// Group `g` of y = x·Wᵀ for the `m` rows of `acts` (rounded for this weight's kind and input size):
+    /// out [m][16], lanes past `out()` zero. The same numbers whatever `m` is and whichever thread runs it.
+    pub fn group(&self, isa: Isa, acts: &ActsRef, m: usize, g: usize, out: &mut [f32]) {
+        assert!(g < self.groups && out.len() == m * ROWS && acts.q.len() >= m * self.inp && acts.a.len() >= m * self.nb && acts.c.len() >= 2 * m * self.nb && cpu::available().contains(&isa));
+        let mut r = 0;
+        while r < m {
+            let t = [TILE, 4, 2, 1].into_iter().find(|&t| t <= m - r).unwrap();
+            // SAFETY: `isa` is one this CPU has (checked), and the slices have the kernel's sizes (checked).
+            unsafe { tile_fn(isa, self.kind, t)(self, g, acts, r, &mut out[r * ROWS..(r + t) * ROWS]) };
+            r += t;
+        }
+    }
+
     /// y [m, out] = x [m, in] · Wᵀ with the kernels of `isa`.
     pub fn matmul(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.inp);
         let acts = quantize_acts(self.kind, x);
+        let acts = acts.view();
         let mut yt = vec![0f32; self.groups * m * ROWS]; // [groups][m][ROWS]
         let run = |g0: usize, out: &mut [f32]| {
             for (i, o) in out.chunks_exact_mut(m * ROWS).enumerate() {
-                let mut r = 0;
-                while r < m {
-                    let t = [TILE, 4, 2, 1].into_iter().find(|&t| t <= m - r).unwrap();
-                    // SAFETY: `isa` is one this CPU has (Isa::available), and the slices have the kernel's sizes.
-                    unsafe { tile_fn(isa, self.kind, t)(self, g0 + i, &acts, r, &mut o[r * ROWS..(r + t) * ROWS]) };
-                    r += t;
-                }
+                self.group(isa, &acts, m, g0 + i, o);
             }
         };
         // Split the groups between the threads; a matrix too small to be worth a hand-off stays on this thread.
@@ -136,6 +154,44 @@ impl QWeight {
     }
 }
 
+/// Activations of `m` rows of `inp` values rounded for one kind of weight, each row set by whichever thread of a
+/// team (rows apart), then read by all of them (after a barrier).
+pub struct ActsBuf {
+    kind: Kind,
+    inp: usize,
+    q: cpu::SyncBuf<i8>,
+    a: cpu::SyncBuf<f32>,
+    c: cpu::SyncBuf<f32>,
+}
+
+impl ActsBuf {
+    pub fn new(kind: Kind, m: usize, inp: usize) -> Self {
+        let nb = inp / 32;
+        Self { kind, inp, q: cpu::SyncBuf::new(m * inp), a: cpu::SyncBuf::new(m * nb), c: cpu::SyncBuf::new(2 * m * nb) }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Round row `r` (`x`, `inp` values) as `QWeight::matmul` rounds it.
+    ///
+    /// # Safety
+    /// No other thread sets row `r`, and no `view` is alive, while this runs.
+    pub unsafe fn set_row(&self, r: usize, x: &[f32]) {
+        assert_eq!(x.len(), self.inp);
+        let nb = self.inp / 32;
+        // SAFETY: row r's parts alone, exclusive by the caller's promise.
+        unsafe { quantize_into(self.kind, x, self.q.part_mut(r * self.inp, self.inp), self.a.part_mut(r * nb, nb), self.c.part_mut(2 * r * nb, 2 * nb)) }
+    }
+
+    /// # Safety
+    /// No `set_row` runs while the view is alive.
+    pub unsafe fn view(&self) -> ActsRef<'_> {
+        // SAFETY: reads only, by the caller's promise.
+        unsafe { ActsRef { q: self.q.get(), a: self.a.get(), c: self.c.get() } }
+    }
+}
 
 #[cfg(test)]
 mod tests {

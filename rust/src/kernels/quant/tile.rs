@@ -22,9 +22,30 @@ pub(super) struct QActs {
     pub(super) c: Vec<f32>,
 }
 
+impl QActs {
+    pub(super) fn view(&self) -> ActsRef<'_> {
+        ActsRef { q: &self.q, a: &self.a, c: &self.c }
+    }
+}
+
+/// Rounded activations as the kernels read them: `QActs`'s three arrays, wherever they are held.
+#[derive(Clone, Copy)]
+pub struct ActsRef<'a> {
+    pub(super) q: &'a [i8],
+    pub(super) a: &'a [f32],
+    pub(super) c: &'a [f32],
+}
+
 pub(super) fn quantize_acts(kind: Kind, x: &[f32]) -> QActs {
     let n = x.len() / 32;
     let (mut q, mut a, mut c) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; 2 * n]);
+    quantize_into(kind, x, &mut q, &mut a, &mut c);
+    QActs { q, a, c }
+}
+
+/// `quantize_acts` into arrays of its sizes (q as long as x, a x.len()/32, c twice that). Rows of a length the
+/// format's span (32, or 256 for the K-quants) divides round the same alone as together.
+pub(super) fn quantize_into(kind: Kind, x: &[f32], q: &mut [i8], a: &mut [f32], c: &mut [f32]) {
     let k_quant = kind.f32_scales();
     let span = if k_quant { 256 } else { 32 };
     for (i, (xs, qs)) in x.chunks(span).zip(q.chunks_mut(span)).enumerate() {
@@ -50,14 +71,13 @@ pub(super) fn quantize_acts(kind: Kind, x: &[f32]) -> QActs {
             }
         }
     }
-    QActs { q, a, c }
 }
 
 /// One group (16 weight rows) against activation rows r0..r0+M, writing out[r][lane] for r < M ([M][16]).
-pub(super) type TileFn = unsafe fn(&QWeight, usize, &QActs, usize, &mut [f32]);
+pub(super) type TileFn = unsafe fn(&QWeight, usize, &ActsRef, usize, &mut [f32]);
 
 /// Portable kernel (and the specification of the SIMD ones).
-unsafe fn tile_scalar<const M: usize>(w: &QWeight, g: usize, xs: &QActs, r0: usize, out: &mut [f32]) {
+unsafe fn tile_scalar<const M: usize>(w: &QWeight, g: usize, xs: &ActsRef, r0: usize, out: &mut [f32]) {
     let k = w.kind;
     let spb = k.scales_per_block();
     for r in 0..M {
@@ -86,7 +106,7 @@ unsafe fn tile_scalar<const M: usize>(w: &QWeight, g: usize, xs: &QActs, r0: usi
 /// AVX-512 VNNI: 16 rows per register; two accumulators per activation row (even and odd blocks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &QActs, r0: usize, out: &mut [f32]) {
+unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &ActsRef, r0: usize, out: &mut [f32]) {
     // SAFETY: the caller (QWeight::matmul through tile_fn) has checked that the CPU has the Avx512 level, passes a group g < w.groups, activations of at least r0 + M rows made by quantize_acts for this weight's input size, and out of M·16 floats; the loads below read blocks of that group (w.qs, w.d, w.m sized groups·nb per block), 32 activation bytes per block of rows r0..r0+M, and the stores write out's M rows of 16.
     unsafe {
         use std::arch::x86_64::*;
@@ -170,7 +190,7 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &QAc
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // const-sized loops over register arrays, unrolled by the compiler
-unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &QActs, r0: usize, out: &mut [f32]) {
+unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &ActsRef, r0: usize, out: &mut [f32]) {
     // SAFETY: as for tile_vnni, with the Avx2 level: every load stays inside group g's blocks and rows r0..r0+M of the activations, every store inside out's M rows of 16.
     unsafe {
         use std::arch::x86_64::*;
