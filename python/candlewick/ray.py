@@ -167,29 +167,51 @@ def _texts(batch: Batch, column: str) -> list[str]:
 
 class Embedder:
     """Ray Data `map_batches` class: the sentence embedding of each row's `text_column` (default "text") in
-    `output_column` (default "embedding"), float32 [D], exactly as `Model.embed` computes it (encoder models).
+    `output_column` (default "embedding"), float32 [D], as `Model.embed` computes it (encoder models).
 
         ds.map_batches(Embedder, fn_constructor_kwargs={"model": "sentence-transformers/all-MiniLM-L6-v2"},
                        compute=ray.data.ActorPoolStrategy(size=2), batch_size=64)
 
     `model`: a checkpoint folder, .gguf file or hub id (resolved on each worker), or a loaded `Model` (in one
-    process). `threads`: the engine's threads (see the module's docstring)."""
+    process). `threads`: the engine's threads (see the module's docstring). A batch is embedded in sub-batches of
+    `sub_batch_size` texts of similar length (sorted by token count, as sentence-transformers' encode sorts), so
+    that short texts are not padded to the batch's longest; None embeds each batch in one call."""
 
     output_columns = ("embedding",)
 
     def __init__(self, model: ModelSpec, *, device: str = "cpu", dtype: str | None = None, threads: int | None = None,
-                 text_column: str = "text", output_column: str = "embedding"):
+                 text_column: str = "text", output_column: str = "embedding", sub_batch_size: int | None = 16):
         self.model = _load(model, device, dtype, threads)
+        if sub_batch_size is not None and sub_batch_size < 1:
+            raise InvalidArgument(f"sub_batch_size must be >= 1 or None, got {sub_batch_size}")
         self.text_column = text_column
         self.output_column = output_column
         self.output_columns = (output_column,)
+        self.sub_batch_size = sub_batch_size
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """float32 [len(texts), D], in sub-batches of similar length."""
+        sub = self.sub_batch_size
+        if sub is None or len(texts) <= sub or self.model.tokenizer is None:
+            return self.model.embed(texts)
+        lengths = [len(ids) for ids in self.model.tokenizer.encode_batch(texts)]
+        order = np.argsort(lengths, kind="stable")
+        out: np.ndarray | None = None
+        for start in range(0, len(texts), sub):
+            idx = order[start:start + sub]
+            vectors = self.model.embed([texts[i] for i in idx])
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), np.float32)
+            out[idx] = vectors
+        assert out is not None
+        return out
 
     def __call__(self, batch: Batch) -> Batch:
         texts = _texts(batch, self.text_column)
         if not texts:
             dim = self.model.config["hidden_size"]
             return _with_columns(batch, {self.output_column: np.zeros((0, dim), np.float32)})
-        return _with_columns(batch, {self.output_column: self.model.embed(texts)})
+        return _with_columns(batch, {self.output_column: self.embed(texts)})
 
 
 class Scorer:
