@@ -1,13 +1,19 @@
-//! Every thread of the pool on one job at once, in stages with a barrier between them: how a decode step runs.
+//! Every thread of the pool on one job at once, in stages: how a decode step runs.
 //!
 //! A decode step is a few hundred small pieces of work (four products, norms and attention per layer), each
 //! depending on the one before. Run as parallel loops, each piece hands its parts out and waits for them: a few
 //! microseconds each, more when a thread has gone to sleep in between, and at batch 1 a small model's step is only
-//! a few milliseconds. A team instead enters one job on every thread once per step (`rayon::broadcast`); inside,
-//! the threads claim parts of each stage from a shared counter and meet at a spinning barrier before the next.
+//! a few milliseconds. A team instead starts one copy of the job per thread once per step; inside, the copies
+//! claim the parts of each stage from a shared counter and wait, spinning, until every part of the stage is done
+//! before they go on to the next.
 //!
-//! One team job runs at a time in the process (a lock), so two jobs never wait on each other's barriers. A panic
-//! on one thread poisons the barrier: the others leave at their next wait, and `run` returns an error.
+//! Waiting for the parts rather than for the threads (a barrier) keeps a thread the system has taken away from
+//! holding up the others: the ones running do its share, and a copy that starts late finds the early stages done
+//! and catches up. The copies are rayon jobs of one scope, so one that no thread has started when the rest are done
+//! is run by the thread waiting for the scope (and returns at once).
+//!
+//! One team job runs at a time in the process (a lock), so two jobs never wait on each other. A panic in one copy
+//! poisons the job: the others leave at their next wait, and `run` returns an error.
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -18,94 +24,93 @@ use crate::error::{Error, Result};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-struct Barrier {
-    n: usize,
-    count: AtomicUsize,
-    generation: AtomicUsize,
-    poisoned: AtomicBool,
+/// What one copy of a team job sees: the team's size and the stages' counters.
+pub struct Ctx<'a> {
+    pub n: usize,
+    /// the copy run by the thread that called `run` (which is there from the start and waits for the rest)
+    pub leader: bool,
+    claimed: &'a [AtomicUsize],
+    done: &'a [AtomicUsize],
+    poisoned: &'a AtomicBool,
 }
 
-impl Barrier {
-    fn wait(&self) {
-        if self.n == 1 {
-            return;
-        }
-        let gen = self.generation.load(Ordering::Acquire);
-        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
-            self.count.store(0, Ordering::Relaxed);
-            self.generation.store(gen.wrapping_add(1), Ordering::Release);
-            return;
+impl Ctx<'_> {
+    /// Stage `stage` (every stage its own number, in order): run `f` on the parts of 0..total, `chunk` at a time,
+    /// that this copy claims (each part goes to exactly one copy), then wait until every part is done: what the
+    /// stage wrote is visible after.
+    pub fn stage(&self, stage: usize, total: usize, chunk: usize, f: impl FnMut(Range<usize>)) {
+        self.run_stage(stage, total, chunk, true, f)
+    }
+
+    /// A stage too small to share: the leader runs every part, the other copies wait for it. (A part another
+    /// thread claimed holds everyone up while the system has that thread off its core; the leader's copy runs
+    /// from the start, and small pieces of work are cheaper done than handed over.)
+    pub fn serial_stage(&self, stage: usize, total: usize, f: impl FnMut(Range<usize>)) {
+        self.run_stage(stage, total, total, self.leader, f)
+    }
+
+    fn run_stage(&self, stage: usize, total: usize, chunk: usize, claim: bool, mut f: impl FnMut(Range<usize>)) {
+        let chunk = chunk.max(1);
+        let (claimed, done) = (&self.claimed[stage], &self.done[stage]);
+        if claim {
+            loop {
+                let s = claimed.fetch_add(chunk, Ordering::Relaxed);
+                if s >= total {
+                    break;
+                }
+                let e = (s + chunk).min(total);
+                f(s..e);
+                done.fetch_add(e - s, Ordering::Release);
+            }
         }
         let mut spins = 0u32;
-        while self.generation.load(Ordering::Acquire) == gen {
+        while done.load(Ordering::Acquire) < total {
             if self.poisoned.load(Ordering::Relaxed) {
-                panic!("another thread of the team failed");
+                panic!("another copy of the team job failed");
             }
             spins = spins.saturating_add(1);
             if spins < 1 << 11 {
                 std::hint::spin_loop();
             } else {
-                // more threads than cores at the moment: let the one we wait for run
-                std::thread::yield_now();
+                // the thread with the last part is not running (more threads than free cores): give it this
+                // core rather than spin on
+                std::thread::park_timeout(std::time::Duration::from_micros(20));
             }
         }
     }
 }
 
-/// What one thread of a team job sees: its index, the team's size, the stages' counters and the barrier.
-pub struct Ctx<'a> {
-    pub tid: usize,
-    pub n: usize,
-    barrier: &'a Barrier,
-    counters: &'a [AtomicUsize],
-}
-
-impl Ctx<'_> {
-    /// Wait until every thread of the team has got here: what the stage before wrote is visible after.
-    pub fn barrier(&self) {
-        self.barrier.wait();
-    }
-
-    /// The parts of 0..total, `chunk` at a time, that this thread claims in stage `stage` (every stage its own
-    /// counter: each part goes to exactly one thread).
-    pub fn claim(&self, stage: usize, total: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> + '_ {
-        let chunk = chunk.max(1);
-        let c = &self.counters[stage];
-        std::iter::from_fn(move || {
-            let s = c.fetch_add(chunk, Ordering::Relaxed);
-            (s < total).then(|| s..(s + chunk).min(total))
-        })
-    }
-}
-
-/// Run `job` on every thread of the pool at once, with `stages` counters for `Ctx::claim`; returns when all are
-/// done. A panic in the job is an error naming `what`.
+/// Run `job` on every thread of the pool at once (a copy each), with `stages` stages for `Ctx::stage`; returns
+/// when all copies are done. A panic in the job is an error naming `what`.
 pub fn run(what: &str, stages: usize, job: &(dyn Fn(&Ctx) + Sync)) -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let n = rayon::current_num_threads().max(1);
-    let barrier = Barrier { n, count: AtomicUsize::new(0), generation: AtomicUsize::new(0), poisoned: AtomicBool::new(false) };
-    let counters: Vec<AtomicUsize> = (0..stages).map(|_| AtomicUsize::new(0)).collect();
-    let ok: Vec<bool> = rayon::broadcast(|b| {
-        debug_assert_eq!(b.num_threads(), n);
-        let ctx = Ctx { tid: b.index(), n, barrier: &barrier, counters: &counters };
-        let fine = catch_unwind(AssertUnwindSafe(|| job(&ctx))).is_ok();
-        if !fine {
-            barrier.poisoned.store(true, Ordering::Relaxed);
+    let claimed: Vec<AtomicUsize> = (0..stages).map(|_| AtomicUsize::new(0)).collect();
+    let done: Vec<AtomicUsize> = (0..stages).map(|_| AtomicUsize::new(0)).collect();
+    let poisoned = AtomicBool::new(false);
+    let copy = |leader: bool| {
+        let ctx = Ctx { n, leader, claimed: &claimed, done: &done, poisoned: &poisoned };
+        if catch_unwind(AssertUnwindSafe(|| job(&ctx))).is_err() {
+            poisoned.store(true, Ordering::Relaxed);
         }
-        fine
+    };
+    rayon::in_place_scope(|s| {
+        for _ in 1..n {
+            s.spawn(|_| copy(false));
+        }
+        copy(true);
     });
-    if ok.iter().all(|&f| f) {
-        Ok(())
-    } else {
-        Err(Error::Internal(format!("{what}: a thread of the decode team panicked")))
+    if poisoned.load(Ordering::Relaxed) {
+        return Err(Error::Internal(format!("{what}: a thread of the decode team panicked")));
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Stages see what the stage before wrote; every part of a stage goes to exactly one thread.
+    /// Stages see what the stage before wrote; every part of a stage goes to exactly one copy.
     #[test]
     fn stages_are_ordered_and_parts_claimed_once() {
         let n = 1000;
@@ -113,19 +118,18 @@ mod tests {
         let b: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
         for _ in 0..20 {
             run("test", 2, &|ctx| {
-                for r in ctx.claim(0, n, 7) {
+                ctx.stage(0, n, 7, |r| {
                     for i in r {
                         a[i].fetch_add(1, Ordering::Relaxed);
                     }
-                }
-                ctx.barrier();
-                for r in ctx.claim(1, n, 3) {
+                });
+                ctx.stage(1, n, 3, |r| {
                     for i in r {
-                        // the other half's element, written by whichever thread in stage 0
+                        // the other half's element, written by whichever copy in stage 0
                         let j = (i + n / 2) % n;
                         b[i].store(a[j].load(Ordering::Relaxed), Ordering::Relaxed);
                     }
-                }
+                });
             })
             .unwrap();
         }
@@ -133,17 +137,35 @@ mod tests {
         assert!(b.iter().all(|x| x.load(Ordering::Relaxed) == 20));
     }
 
-    /// A panic on one thread is an error, not a hang, and the team runs the next job.
+    /// A panic in one copy is an error, not a hang, and the team runs the next job.
     #[test]
     fn a_panic_is_an_error() {
-        let r = run("test", 1, &|ctx| {
-            if ctx.tid == 0 {
-                panic!("on purpose");
-            }
-            ctx.barrier();
-            ctx.barrier();
+        let r = run("test", 2, &|ctx| {
+            ctx.stage(0, 4, 1, |r| {
+                if r.start == 1 {
+                    panic!("on purpose");
+                }
+            });
+            ctx.stage(1, 4, 1, |_| {});
         });
         assert!(matches!(r, Err(Error::Internal(_))), "{r:?}");
-        assert!(run("test", 1, &|ctx| ctx.barrier()).is_ok());
+        assert!(run("test", 1, &|ctx| ctx.stage(0, 3, 1, |_| {})).is_ok());
+    }
+
+    /// A serial stage runs on the leader alone, once per part; the stages after it see what it wrote.
+    #[test]
+    fn serial_stages_run_on_the_leader() {
+        let on_leader = AtomicUsize::new(0);
+        let elsewhere = AtomicUsize::new(0);
+        let seen = AtomicUsize::new(0);
+        run("test", 2, &|ctx| {
+            ctx.serial_stage(0, 5, |r| {
+                let c = if ctx.leader { &on_leader } else { &elsewhere };
+                c.fetch_add(r.len(), Ordering::Relaxed);
+            });
+            ctx.stage(1, 1, 1, |_| seen.store(on_leader.load(Ordering::Relaxed), Ordering::Relaxed));
+        })
+        .unwrap();
+        assert_eq!((on_leader.into_inner(), elsewhere.into_inner(), seen.into_inner()), (5, 0, 5));
     }
 }

@@ -1,6 +1,6 @@
 //! A decode step on a team of threads: every sequence of the batch adds one token, the whole step (every layer,
 //! the final norm and the output projection) runs as one job on all threads (`kernels::team`), the threads
-//! claiming parts of each stage and meeting at a barrier between stages, on plain arrays.
+//! claiming parts of each stage and going on once all of its parts are done, on plain arrays.
 //!
 //! The general path (`Decoder::forward_paged`) runs the same step as a chain of tensor operations, each its own
 //! parallel region: a small quantized model's step at batch 1 is a few milliseconds, and a few hundred hand-offs
@@ -92,6 +92,8 @@ pub(super) struct Plan {
 }
 
 const STAGES_PER_LAYER: usize = 10;
+/// Norms, RoPE and roundings of at most this many values in all are a stage for one thread.
+const SERIAL_VALUES: usize = 8192;
 /// a head's key is turned in a buffer on the stack
 const MAX_HEAD_DIM: usize = 512;
 
@@ -324,8 +326,9 @@ impl Decoder {
         let n_stages = plan.layers.len() * STAGES_PER_LAYER + 2;
 
         // The job's buffers are written by stages as their parts are claimed (each row, group of 16 columns or
-        // task goes to one thread) and read in later stages, with a barrier between: no element is written by two
-        // threads, and none is read in the stage that writes it. The SAFETY notes below say which stage is which.
+        // task goes to one copy) and read in later stages, which start once every part of the stages before is
+        // done: no element is written by two threads, and none is read in the stage that writes it. The SAFETY
+        // notes below say which stage is which.
         let job = |ctx: &crate::kernels::team::Ctx| {
             let mut row = vec![0f32; c.max(h * d)];
             let mut gbuf = vec![0f32; f];
@@ -336,25 +339,31 @@ impl Decoder {
                 unsafe { &x.get()[r * c..(r + 1) * c] }
             };
             // rows of `w` values through `prep`, rounded into the buffers `proj` reads
+            // (a few rows are one thread's work: see Ctx::serial_stage)
             let set_rows = |stage: usize, proj: &Proj, w: usize, row: &mut [f32], prep: &dyn Fn(usize, &mut [f32])| {
-                for rr in ctx.claim(stage, n, 1) {
+                let part = |rr: std::ops::Range<usize>| {
                     for r in rr {
                         prep(r, &mut row[..w]);
                         for (pi, &ai) in proj.acts.iter().enumerate() {
                             if proj.acts[..pi].contains(&ai) {
                                 continue;
                             }
-                            // SAFETY: row r was claimed by this thread alone; the buffer is read (viewed) only
-                            // in the projection's stage, after the barrier.
+                            // SAFETY: row r was claimed by this copy alone; the buffer is read (viewed) only
+                            // in the projection's stage, after this one.
                             unsafe { acts[ai].set_row(r, &row[..w]) };
                         }
                     }
+                };
+                if n * w <= SERIAL_VALUES {
+                    ctx.serial_stage(stage, n, part);
+                } else {
+                    ctx.stage(stage, n, 1, part);
                 }
             };
             // a projection's groups: each output (+ bias) stored, or added to `dst` (residual)
             let matmul = |stage: usize, proj: &Proj, dst: &SyncBuf<f32>, dst_w: usize, residual: bool, tile: &mut [f32]| {
                 let chunk = proj.groups.div_ceil(threads * 8).max(1);
-                for gr in ctx.claim(stage, proj.groups, chunk) {
+                ctx.stage(stage, proj.groups, chunk, |gr| {
                     for gg in gr {
                         let (mut g, mut pi) = (gg, 0);
                         while g >= proj.parts[pi].0.groups() {
@@ -362,7 +371,7 @@ impl Decoder {
                             pi += 1;
                         }
                         let (w, off) = (&proj.parts[pi].0, proj.parts[pi].1);
-                        // SAFETY: the rounded inputs were set in the stage before (a barrier between); none is
+                        // SAFETY: the rounded inputs were set in the stage before (done before this one starts); none is
                         // set in this stage.
                         let view: ActsRef = unsafe { acts[proj.acts[pi]].view() };
                         w.group(isa, &view, n, g, tile);
@@ -382,20 +391,18 @@ impl Decoder {
                             }
                         }
                     }
-                }
+                });
             };
             for (i, (layer, blk)) in plan.layers.iter().zip(&self.layers).enumerate() {
                 let s0 = i * STAGES_PER_LAYER;
                 // 1: attention norm
                 set_rows(s0, &layer.qkv, c, &mut row, &|r, o| rms_row(x_row(r), &layer.attn_norm, eps, o));
-                ctx.barrier();
                 // 2: q, k, v
                 matmul(s0 + 1, &layer.qkv, &qkv, qkv_w, false, &mut tile);
-                ctx.barrier();
                 // 3: q/k norms and RoPE; keys and values into the pool
-                // SAFETY: qkv was written in stage 2 (before the barrier) and is not written here.
+                // SAFETY: qkv was written in stage 2 (the stage before) and is not written here.
                 let qkv_all = unsafe { qkv.get() };
-                for tr in ctx.claim(s0 + 2, n * hkv, 1) {
+                let rope_part = |tr: std::ops::Range<usize>| {
                     for t in tr {
                         let (r, g) = (t / hkv, t % hkv);
                         let src = &qkv_all[r * qkv_w..(r + 1) * qkv_w];
@@ -433,66 +440,62 @@ impl Decoder {
                             turn(q);
                         }
                     }
+                };
+                if n * qkv_w <= SERIAL_VALUES {
+                    ctx.serial_stage(s0 + 2, n * hkv, rope_part);
+                } else {
+                    ctx.stage(s0 + 2, n * hkv, 1, rope_part);
                 }
-                ctx.barrier();
                 // 4: attention over the pool
-                // SAFETY: the pool and the queries were written in stage 3 (before the barrier) and are not
+                // SAFETY: the pool and the queries were written in stage 3 (the stage before) and are not
                 // written here.
                 let (kd, vd, qd) = unsafe {
                     (std::slice::from_raw_parts(kptr[i].get() as *const f32, pool_len), std::slice::from_raw_parts(vptr[i].get() as *const f32, pool_len), qh.get())
                 };
-                for tr in ctx.claim(s0 + 3, jobs[i].len(), 1) {
+                ctx.stage(s0 + 3, jobs[i].len(), 1, |tr| {
                     for t in tr {
                         // SAFETY: Paged::new checked the shapes against the pool and the batch; task t writes its
                         // own rows of y, which no one reads before stage 5.
                         unsafe { jobs[i].run(t, qd, kd, vd, y.ptr()) };
                     }
-                }
-                ctx.barrier();
+                });
                 // 5: heads side by side, rounded for the output projection
                 set_rows(s0 + 4, &layer.o, h * d, &mut row, &|r, o| {
-                    // SAFETY: y was written in stage 4 (before the barrier) and is not written here.
+                    // SAFETY: y was written in stage 4 (the stage before) and is not written here.
                     let yd = unsafe { y.get() };
                     for hh in 0..h {
                         o[hh * d..(hh + 1) * d].copy_from_slice(&yd[(hh * n + r) * d..(hh * n + r + 1) * d]);
                     }
                 });
-                ctx.barrier();
                 // 6: x += o(y)
                 matmul(s0 + 5, &layer.o, &x, c, true, &mut tile);
-                ctx.barrier();
                 // 7: MLP norm
                 set_rows(s0 + 6, &layer.mlp_in, c, &mut row, &|r, o| rms_row(x_row(r), &layer.ffn_norm, eps, o));
-                ctx.barrier();
                 // 8: [gate | up]
                 matmul(s0 + 7, &layer.mlp_in, &hb, 2 * f, false, &mut tile);
-                ctx.barrier();
                 // 9: silu(gate)·up, rounded for the down projection
                 set_rows(s0 + 8, &layer.down, f, &mut gbuf, &|r, o| {
-                    // SAFETY: [gate | up] was written in stage 8 (before the barrier) and is not written here.
+                    // SAFETY: [gate | up] was written in stage 8 (the stage before) and is not written here.
                     let hd = unsafe { hb.get() };
                     crate::kernels::act::silu_mul(&hd[r * 2 * f..(r + 1) * 2 * f], o, f)
                 });
-                ctx.barrier();
                 // 10: x += down(h)
                 matmul(s0 + 9, &layer.down, &x, c, true, &mut tile);
-                ctx.barrier();
             }
             let s = plan.layers.len() * STAGES_PER_LAYER;
             match &plan.lm_head {
                 Some(head) => {
                     set_rows(s, head, c, &mut row, &|r, o| rms_row(x_row(r), &plan.final_norm, eps, o));
-                    ctx.barrier();
-                    matmul(s + 1, head, &out, vocab, false, &mut tile);
+                        matmul(s + 1, head, &out, vocab, false, &mut tile);
                 }
                 None => {
-                    for rr in ctx.claim(s, n, 1) {
+                    ctx.serial_stage(s, n, |rr| {
                         for r in rr {
-                            // SAFETY: row r of `out`, claimed by this thread alone; read after the job.
+                            // SAFETY: row r of `out`, written by the leader alone; read after the job.
                             let o = unsafe { out.part_mut(r * c, c) };
                             rms_row(x_row(r), &plan.final_norm, eps, o);
                         }
-                    }
+                    });
                 }
             }
         };
