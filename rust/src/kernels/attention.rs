@@ -169,7 +169,8 @@ pub fn paged(
 /// output [H, N, D] from queries laid out alike and a pool's keys and values [S, Hkv·D]. The tasks of one job are
 /// independent, so any thread may run any of them (the decode team claims them one by one).
 pub struct Paged<'a> {
-    tasks: Vec<(usize, usize, usize)>,
+    /// (sequence, KV head, first query, first head of the group, heads)
+    tasks: Vec<(usize, usize, usize, usize, usize)>,
     seqs: &'a [crate::nn::paged::PagedSeq<'a>],
     n: usize,
     rep: usize,
@@ -212,16 +213,28 @@ impl<'a> Paged<'a> {
         if !fits {
             return None;
         }
+        let rep = h / hkv;
         let mut tasks = vec![];
         for (si, s) in seqs.iter().enumerate() {
             for g in 0..hkv {
                 for i0 in (0..s.rows).step_by(QBLOCK) {
-                    tasks.push((si, g, i0));
+                    tasks.push((si, g, i0, 0, rep));
                 }
             }
         }
         let scale = scale as f32;
-        Some(Self { tasks, seqs, n, rep: h / hkv, d, width, block_size, scale, window, softcap: softcap.map(|c| c as f32) })
+        Some(Self { tasks, seqs, n, rep, d, width, block_size, scale, window, softcap: softcap.map(|c| c as f32) })
+    }
+
+    /// The same job in at least `min_tasks` tasks where it has fewer: each group's query heads one task each
+    /// (they then load the group's keys one by one; every number is the same, as a row's numbers never depend
+    /// on the other rows of its block). For a decode step of few sequences, whose few groups would leave threads
+    /// idle.
+    pub fn split_heads(mut self, min_tasks: usize) -> Self {
+        if self.tasks.len() < min_tasks && self.rep > 1 {
+            self.tasks = self.tasks.iter().flat_map(|&(si, g, i0, _, rep)| (0..rep).map(move |k| (si, g, i0, k, 1))).collect();
+        }
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -239,7 +252,7 @@ impl<'a> Paged<'a> {
     /// writes the pool slots the task reads, nor the rows of `out` it writes, while it runs (no two tasks write
     /// the same rows).
     pub unsafe fn run(&self, i: usize, qd: &[f32], kd: &[f32], vd: &[f32], out: *mut f32) {
-        let (si, g, i0) = self.tasks[i];
+        let (si, g, i0, h0, heads) = self.tasks[i];
         let (n, d, width, block_size, window) = (self.n, self.d, self.width, self.block_size, self.window);
         let s = &self.seqs[si];
         let rows = QBLOCK.min(s.rows - i0);
@@ -260,12 +273,12 @@ impl<'a> Paged<'a> {
             }
             j += len;
         }
-        let row = g * self.rep * n + s.row0 + i0; // the group's first head's first query
+        let row = (g * self.rep + h0) * n + s.row0 + i0; // the task's first head's first query
         let span = Span { kend: kend - kstart, causal_first: Some(off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
         let kv = Kv { k: kd, k_rs: width, v: vd, v_rs: width, segs: &segs };
-        let rg = Rows { heads: self.rep, rows, hs: n * d, rs: d, d };
-        // SAFETY: task (sequence, group, i0) alone writes rows i0..i0+rows of that sequence in heads
-        // g·rep..(g+1)·rep, which lie inside `out` and `qd` (row0 + rows <= N was checked by `new`).
+        let rg = Rows { heads, rows, hs: n * d, rs: d, d };
+        // SAFETY: task (sequence, group, i0, h0, heads) alone writes rows i0..i0+rows of that sequence in heads
+        // g·rep+h0..g·rep+h0+heads, which lie inside `out` and `qd` (row0 + rows <= N was checked by `new`).
         unsafe { block(&qd[row * d..], &rg, &kv, span, None, 0, self.scale, self.softcap, out.add(row * d)) };
     }
 }

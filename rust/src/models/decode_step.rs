@@ -291,7 +291,7 @@ impl Decoder {
         for (i, blk) in self.layers.iter().enumerate() {
             let scale = cfg.attn_scale / if cfg.attn_scale_by_layer { (i + 1) as f64 } else { 1.0 };
             match Paged::new(seqs, n, h, hkv, d, pool_len, bs, scale, blk.window, cfg.attn_softcap) {
-                Some(j) => jobs.push(j),
+                Some(j) => jobs.push(j.split_heads(2 * cpu::threads())),
                 None => return Ok(None),
             }
         }
