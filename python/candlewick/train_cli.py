@@ -163,6 +163,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if row.step:
             bar.update()
             bar.set_postfix(loss=f"{row.train_loss:.3f}", val=f"{last_val[-1]:.3f}", tok_s=f"{row.tokens_per_s:.0f}")
+        if bar.disable and row.val_loss is not None:  # no terminal, no bar: a line per evaluation instead
+            print(f"step {row.step}/{settings.steps}: validation loss {row.val_loss:.4f}"
+                  + (f", train loss {row.train_loss:.4f}, {row.tokens_per_s:.0f} tokens/s" if row.step else ""),
+                  file=sys.stderr, flush=True)
 
     start = time.perf_counter()
     history = T.train(model, train_ids, val_ids, settings, seed=args.seed, on_step=on_step)
