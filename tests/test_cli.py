@@ -19,7 +19,8 @@ from conftest import DATA, minilm_path
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
 ENV.pop("CANDLEWICK_DEBUG", None)
-COMMANDS = ["generate", "chat", "embed", "perplexity", "tokenize", "serve", "bench", "check", "batch"]
+COMMANDS = ["generate", "chat", "embed", "perplexity", "tokenize", "serve", "bench", "check", "batch", "train",
+            "eval"]
 
 
 def run(*args, input: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:

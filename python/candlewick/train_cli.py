@@ -242,7 +242,8 @@ def add_commands(sub, load_options: argparse.ArgumentParser, model_help: str) ->
                     "text first; with --from, an existing checkpoint is fine-tuned with its own tokenizer. The last "
                     "--val-fraction of the text is held out as the validation set. OUT receives config.json, "
                     "model.safetensors, tokenizer.json (loadable by candlewick.load and candlewick.reference.load), "
-                    "metrics.csv (step,train_loss,val_loss), loss.png and training.json.",
+                    "metrics.csv (step,train_loss,val_loss), loss.png and training.json; OUT is then the MODEL of every other "
+                    "command (generate, eval, serve, ...).",
         epilog="examples:\n  candlewick train demo/genesis-gpt2 --data demo/genesis.txt --steps 1500 --seed 0\n"
                "  candlewick train /tmp/tiny --data README.md --arch llama --dim 64 --layers 2 --steps 200\n"
                "  candlewick train /tmp/exodus --from demo/genesis-gpt2 --data exodus.txt --steps 100",
