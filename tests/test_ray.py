@@ -52,7 +52,7 @@ def minilm():
 
 
 def test_embedder_equals_model_embed(cluster, minilm):
-    texts = sentences(300)
+    texts = sentences(300, longest=16)
     ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=6)
     rows = ds.map_batches(Embedder, fn_constructor_kwargs={"model": str(minilm_path())}, compute=pool(2),
                           batch_size=32).take_all()
@@ -122,13 +122,13 @@ def test_killed_actor_costs_no_row_and_duplicates_none(cluster, minilm, tmp_path
                 os._exit(1)
             return super().__call__(batch)
 
-    texts = sentences(200, seed=3)
-    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=10)
+    texts = sentences(120, seed=3, longest=12)
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=6)
     ds = ds.map_batches(DiesOnce, fn_constructor_kwargs={"model": str(minilm_path()), "marker": str(marker)},
                         compute=pool(2), batch_size=20, max_restarts=2, max_task_retries=2)
     rows = ds.take_all()
     assert marker.exists()
-    assert sorted(r["id"] for r in rows) == list(range(200))  # every row, exactly once
+    assert sorted(r["id"] for r in rows) == list(range(120))  # every row, exactly once
     rows.sort(key=lambda r: r["id"])
     np.testing.assert_allclose(np.stack([r["embedding"] for r in rows]), minilm.embed(texts), rtol=0, atol=1e-6)
 
@@ -144,7 +144,7 @@ def write_jsonl(path, rows):
 def test_batch_cli_on_ray_equals_one_process(cluster, tmp_path):
     """Each task in this process on the module's cluster (--ray finds Ray started), JSONL to JSONL: byte for byte
     the files of a run without Ray."""
-    texts = sentences(60, seed=4)
+    texts = sentences(30, seed=4, longest=16)
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"doc-{i}", "text": t, "prompt": t[:20], "seed": i,
                                                "meta": {"n": i, "tags": ["x"] * (i % 3)}} for i, t in enumerate(texts)])
     runs = [("embed", str(minilm_path()), []),
@@ -157,7 +157,29 @@ def test_batch_cli_on_ray_equals_one_process(cluster, tmp_path):
         assert main(["batch", task, model, str(src), str(on_ray), *extra, "--batch-size", "7",
                      "--concurrency", "2", "--ray"]) == 0
         assert on_ray.read_bytes() == local.read_bytes(), task
-        assert len(local.read_text().splitlines()) == 60
+        assert len(local.read_text().splitlines()) == 30
+
+
+def test_batch_cli_on_ray_stops_at_a_bad_row_with_its_error(cluster, tmp_path):
+    """A row the model refuses fails a Ray run with the engine's own error (not Ray's wrapping of it); the rows
+    before it are written, and the run after the row is fixed does the rest."""
+    from candlewick.batch import Job, run
+    from candlewick.errors import InvalidArgument
+
+    rows = [{"prompt": f"Once upon a time {i}"} for i in range(20)]
+    good = write_jsonl(tmp_path / "good.jsonl", rows)
+    rows[13] = {"prompt": "word " * 400}
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    out, want = tmp_path / "out.jsonl", tmp_path / "want.jsonl"
+    job = dict(task="generate", model=str(DATA / "llama-tiny"), batch_size=3, concurrency=2,
+               options={"params": {"max_new_tokens": 4, "seed": 1}})
+    with pytest.raises(InvalidArgument, match="context of 256"):
+        run(Job(input=bad, output=out, ray=True, **job))
+    assert len(out.read_text().splitlines()) == 12  # the batches before row 13's
+    s = run(Job(input=good, output=out, ray=True, **job))
+    assert (s.written, s.skipped) == (8, 12)
+    run(Job(input=good, output=want, **job))
+    assert out.read_bytes() == want.read_bytes()
 
 
 def test_batch_cli_subprocess_connects_to_a_cluster(cluster, tmp_path):

@@ -32,6 +32,7 @@ import numpy as np
 from .errors import InvalidArgument
 
 _ROW = "__candlewick_row"
+_ERROR = "__candlewick_error"
 _PART_ROWS = 4096      # a Parquet part is written when this many rows are waiting ...
 _PART_SECONDS = 30.0   # ... or when the oldest has waited this long
 
@@ -352,6 +353,9 @@ class ParquetWriter:
         if not finished:
             return
         pa = self.pa
+        if self.output.exists() and not any(self.dir.glob("part-*.parquet")):  # nothing new
+            shutil.rmtree(self.dir)
+            return
         tables = [pa.parquet.read_table(self.output)] if self.output.exists() else []
         tables += [pa.parquet.read_table(p) for p in sorted(self.dir.glob("part-*.parquet"))]
         if not tables:  # an empty INPUT: an empty OUTPUT with the columns it would have
@@ -492,8 +496,6 @@ def _run_ray(job: Job, rows: Rows, todo: list[int], column: str, batch_size: int
     import logging
 
     pa = _pyarrow()
-    from . import ray as cwray
-
     started = False
     if not ray.is_initialized():
         address = None if job.address in (None, "local") else job.address
@@ -515,14 +517,26 @@ def _run_ray(job: Job, rows: Rows, todo: list[int], column: str, batch_size: int
         blocks = [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
         kwargs = _class_kwargs(job, column)
         kwargs["threads"] = threads
-        ds = map_batches(ray.data.from_arrow(blocks), getattr(cwray, TASKS[job.task].cls), job.max_retries,
+        gpus = {}
+        if job.device.startswith("cuda"):  # one GPU per actor; Ray makes it the actor's only (and first) one
+            kwargs["device"], gpus = "cuda", {"num_gpus": 1}
+        ds = map_batches(ray.data.from_arrow(blocks), Guarded, job.max_retries,
+                         fn_constructor_args=[TASKS[job.task].cls],
                          fn_constructor_kwargs={"model": job.model, **kwargs}, batch_size=batch_size,
-                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads)
+                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads, **gpus)
         # Ray may hand the batches back in any order: keep them until INPUT's order reaches them
         position = {r: i for i, r in enumerate(todo)}
         waiting: dict[int, tuple[list[int], dict[str, list]]] = {}
         next_pos = 0
+        error: tuple[int, str] | None = None  # the first failed row's position, and the error
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if _ERROR in b:
+                at = min(position[int(r)] for r in b[_ROW])
+                if error is None or at < error[0]:
+                    error = (at, str(b[_ERROR][0]))
+                if next_pos >= error[0]:
+                    break
+                continue
             got = [int(r) for r in b[_ROW]]
             res = _results(b, outputs)
             for j, r in enumerate(got):
@@ -537,12 +551,51 @@ def _run_ray(job: Job, rows: Rows, todo: list[int], column: str, batch_size: int
                 next_pos += 1
             if run_idx:
                 write(run_idx, run_res)
+            if error is not None and next_pos >= error[0]:
+                break  # every row before the failed one is written
+        if error is not None:
+            _raise_worker_error(error[1])
         if next_pos != len(todo):
             raise RuntimeError(f"Ray returned {next_pos} of {len(todo)} rows")
         return actors
     finally:
         if started:
             ray.shutdown()
+
+
+class Guarded:
+    """A candlewick.ray class as `candlewick batch --ray` runs it: a candlewick error in the worker (a model that
+    does not load, a prompt longer than the context) comes back as a batch that names it, so that the command
+    can raise it as it is; Ray would wrap it in its own errors, its message the remote traceback."""
+
+    def __init__(self, cls_name: str, **kwargs: Any):
+        from . import ray as cwray
+        from .errors import CandlewickError
+
+        self.error: str | None = None
+        try:
+            self.inner = getattr(cwray, cls_name)(**kwargs)
+        except CandlewickError as e:
+            self.error = f"{type(e).__name__}\0{e}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .errors import CandlewickError
+
+        error = self.error
+        if error is None:
+            try:
+                return self.inner(batch)
+            except CandlewickError as e:
+                error = f"{type(e).__name__}\0{e}"
+        return {_ROW: batch[_ROW], _ERROR: _object_array([error] * len(batch[_ROW]))}
+
+
+def _raise_worker_error(message: str) -> None:
+    from . import errors
+
+    name, _, text = message.partition("\0")
+    cls = getattr(errors, name, None)
+    raise (cls if isinstance(cls, type) and issubclass(cls, errors.CandlewickError) else errors.CandlewickError)(text)
 
 
 def map_batches(ds: Any, cls: type, retries: int, **kwargs: Any) -> Any:

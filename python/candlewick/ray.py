@@ -42,6 +42,7 @@ from .errors import InvalidArgument
 if TYPE_CHECKING:
     import pandas
     import pyarrow
+    from ray.serve import Application
 
     from .model import Model, SamplingParams
 
@@ -127,8 +128,6 @@ def _with_columns(batch: Batch, new: dict[str, np.ndarray]) -> Batch:
         out.update(new)
         return out
     if hasattr(batch, "column_names"):  # pyarrow.Table
-        import pyarrow as pa
-
         for name, values in new.items():
             arr = _arrow(values)
             if name in batch.column_names:
@@ -350,7 +349,7 @@ class Generator:
 def openai_app(model: str | os.PathLike[str], *, model_id: str | None = None, device: str = "cpu",
                dtype: str | None = None, threads: int | None = None, num_replicas: int = 1,
                max_ongoing_requests: int | None = None, name: str = "candlewick",
-               ray_actor_options: Mapping[str, Any] | None = None, **server_options: Any):
+               ray_actor_options: Mapping[str, Any] | None = None, **server_options: Any) -> Application:
     """A Ray Serve application of the OpenAI-compatible server (`candlewick.server.create_app`): `num_replicas`
     replicas, each loading `model` once (on `threads` threads, and as many CPUs reserved; default 1) and serving
     the whole API (/v1/completions, /v1/chat/completions with streaming, /v1/embeddings, /v1/models, /health,
@@ -389,7 +388,7 @@ def openai_app(model: str | os.PathLike[str], *, model_id: str | None = None, de
     return deployment.bind()
 
 
-def build_openai_app(args: Mapping[str, str]):
+def build_openai_app(args: Mapping[str, str]) -> Application:
     """`openai_app` for Serve's command line, which passes key=value arguments as strings:
 
         serve run candlewick.ray:build_openai_app model=HuggingFaceTB/SmolLM2-135M-Instruct num_replicas=2 threads=2
