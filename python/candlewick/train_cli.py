@@ -169,7 +169,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
                   file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    history = T.train(model, train_ids, val_ids, settings, seed=args.seed, on_step=on_step)
+    history = T.train(model, train_ids, val_ids, settings, seed=args.seed, on_step=on_step,
+                      threads=args.threads or None)
     seconds = time.perf_counter() - start
     bar.close()
 
@@ -270,6 +271,8 @@ def add_commands(sub, load_options: argparse.ArgumentParser, model_help: str) ->
     g.add_argument("--warmup", type=int, default=50, help="warm-up steps (default: 50, at most a tenth of the run)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out tail of the text (default: 0.1)")
     g.add_argument("--eval-every", type=int, default=50, help="steps between validation losses (default: 50)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads (default: 1, fastest for small models; 0 leaves NumPy's default)")
     p.add_argument("--force", action="store_true", help="write into OUT even if it holds files")
     p.set_defaults(func=_cmd_train)
 
