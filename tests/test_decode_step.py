@@ -31,11 +31,11 @@ def outputs(model, prompts):
 def both_paths(model, prompts):
     """(outputs with the team path, outputs with the general path, steps the team took)."""
     before = _native._decode_steps()
-    was = _native._set_decode_step(True)
+    was = _native._set_decode_step("team")
     try:
         team = outputs(model, prompts)
         taken = _native._decode_steps() - before
-        _native._set_decode_step(False)
+        _native._set_decode_step("general")
         general = outputs(model, prompts)
         assert _native._decode_steps() - before == taken   # switched off, it is not taken
     finally:

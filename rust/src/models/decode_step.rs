@@ -26,7 +26,7 @@
 //!  10 groups: x += h Wdᵀ (+ b)
 //! then rows: the final norm; groups: the logits.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Storage, Tensor};
@@ -39,19 +39,40 @@ use crate::kernels::cpu::{self, SendPtr, SyncBuf};
 use crate::kernels::quant::{ActsBuf, ActsRef, Kind, QWeight};
 use crate::nn::{KvPool, Linear, Norm, PagedSeq};
 
-/// Whether decode steps may take this path (`CANDLEWICK_DECODE_STEP=general` turns it off; tests and benches
-/// compare the two with `set_enabled`).
-static ENABLED: AtomicBool = AtomicBool::new(true);
+/// Which path decode steps take (`Mode`); `CANDLEWICK_DECODE_STEP=general` turns the team path off, tests and
+/// benches compare the paths with `set_mode`.
+static MODE: AtomicU8 = AtomicU8::new(Mode::Auto as u8);
 static STEPS: AtomicU64 = AtomicU64::new(0);
+/// Steps left to take the general path after a crowded team step (see `kernels::team::Stats::crowded`): with
+/// more busy threads than cores, a team waits for whichever of its threads the system has descheduled, where
+/// the general path's parallel loops carry on without it. The team is tried again after them.
+static BACKOFF: AtomicU64 = AtomicU64::new(0);
+const BACKOFF_STEPS: u64 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// every step the general path
+    General = 0,
+    /// the team where it applies, the general path for a while after a crowded step (the default)
+    Auto = 1,
+    /// the team wherever it applies (tests)
+    Team = 2,
+}
 
 fn env_allows() -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENV.get_or_init(|| std::env::var("CANDLEWICK_DECODE_STEP").map(|v| v != "general").unwrap_or(true))
 }
 
-/// Turn the team path on or off; returns what it was.
-pub fn set_enabled(on: bool) -> bool {
-    ENABLED.swap(on, Ordering::SeqCst)
+/// Set the path decode steps take; returns the one before. Ends a back-off.
+pub fn set_mode(mode: Mode) -> Mode {
+    BACKOFF.store(0, Ordering::Relaxed);
+    match MODE.swap(mode as u8, Ordering::SeqCst) {
+        0 => Mode::General,
+        1 => Mode::Auto,
+        _ => Mode::Team,
+    }
 }
 
 /// Steps that took this path so far in the process.
@@ -267,7 +288,12 @@ impl Decoder {
             && slots.len() == n
             && seqs.iter().enumerate().all(|(i, s)| s.rows == 1 && s.row0 == i && s.ctx >= 1 && s.ctx == positions[i] as usize + 1)
             && out_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
-        if !decode_only || !ENABLED.load(Ordering::Relaxed) || !env_allows() {
+        let mode = MODE.load(Ordering::Relaxed);
+        if !decode_only || mode == Mode::General as u8 || !env_allows() {
+            return Ok(None);
+        }
+        if mode == Mode::Auto as u8 && BACKOFF.load(Ordering::Relaxed) > 0 {
+            BACKOFF.fetch_sub(1, Ordering::Relaxed);
             return Ok(None);
         }
         let cfg = &self.cfg;
@@ -499,7 +525,10 @@ impl Decoder {
                 }
             }
         };
-        crate::kernels::team::run("decode step", n_stages, &job)?;
+        let stats = crate::kernels::team::run("decode step", n_stages, &job)?;
+        if stats.crowded() && mode == Mode::Auto as u8 {
+            BACKOFF.store(BACKOFF_STEPS, Ordering::Relaxed);
+        }
         drop(tables);
         drop(guards);
         STEPS.fetch_add(1, Ordering::Relaxed);

@@ -137,11 +137,24 @@ fn bench_stream(py: Python<'_>, bytes: usize, reps: usize) -> PyResult<f64> {
     .py()
 }
 
-/// Let decode steps take the thread team's path (`models::decoder::step`) or not; returns the setting before.
-/// For tests and benches that compare the two paths in one process.
+/// Which path decode steps take: "auto" (the default: the thread team where the model allows, the general path
+/// for a while after a step that waited on descheduled threads), "team" (always where it applies) or "general";
+/// returns the mode before. For tests and benches that compare the paths in one process.
 #[pyfunction]
-fn _set_decode_step(on: bool) -> bool {
-    crate::models::decoder::step::set_enabled(on)
+fn _set_decode_step(mode: &str) -> PyResult<String> {
+    use crate::models::decoder::step::{set_mode, Mode};
+    let m = match mode {
+        "auto" => Mode::Auto,
+        "team" => Mode::Team,
+        "general" => Mode::General,
+        _ => return Err(crate::Error::arg(format!("decode step mode {mode:?}: auto, team or general"))).py(),
+    };
+    Ok(match set_mode(m) {
+        Mode::Auto => "auto",
+        Mode::Team => "team",
+        Mode::General => "general",
+    }
+    .to_string())
 }
 
 /// Decode steps that took the team's path so far in this process.
