@@ -133,13 +133,13 @@ class Rows:
         if self.dicts is not None:
             src = self.dicts if rows is None else [self.dicts[i] for i in rows]
             return [d.get(name) for d in src]
-        col = self._table.column(name)
+        col = self.table().column(name)
         return (col if rows is None else col.take(rows)).to_pylist()
 
     def dict_rows(self, rows: Sequence[int]) -> list[dict]:
         if self.dicts is not None:
             return [self.dicts[i] for i in rows]
-        return self._table.take(rows).to_pylist()
+        return self.table().take(rows).to_pylist()
 
     def table(self):
         """Every row as one pyarrow Table (a JSONL file's types inferred once, over all its rows)."""
@@ -500,7 +500,7 @@ def _run_ray(job: Job, rows: Rows, todo: list[int], column: str, batch_size: int
     if not ray.is_initialized():
         address = None if job.address in (None, "local") else job.address
         ray.init(address=address or "local", logging_level=logging.WARNING,
-                 **({"include_dashboard": False} if address is None else {}))
+                 include_dashboard=False if address is None else None)
         started = True
     try:
         ctx = ray.data.DataContext.get_current()

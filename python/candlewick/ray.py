@@ -33,7 +33,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 import numpy as np
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import pyarrow
     from ray.serve import Application
 
-    from .model import Model, SamplingParams
+    from .model import Completion, Model, SamplingParams
 
     Batch = Union[dict[str, np.ndarray], "pandas.DataFrame", "pyarrow.Table"]
     ModelSpec = Union[str, "os.PathLike[str]", Model]
@@ -247,7 +247,9 @@ class Scorer:
 
     def __call__(self, batch: Batch) -> Batch:
         texts = _texts(batch, self.text_column)
-        ids = self.model.tokenizer.encode_batch(texts) if texts else []
+        tok = self.model.tokenizer
+        assert tok is not None  # checked in the constructor
+        ids = tok.encode_batch(texts) if texts else []
         ppl = np.full(len(texts), np.nan, np.float64)
         nll = np.empty(len(texts), dtype=object)
         for i, seq in enumerate(ids):
@@ -332,9 +334,10 @@ class Generator:
             if not isinstance(p, (str, list)):
                 raise InvalidArgument(f"column {self.prompt_column!r}, row {i} of the batch: expected text or token "
                                       f"ids, got {'null' if p is None else type(p).__name__}")
-        completions = []
+        completions: list[Completion] = []
         if prompts:
-            completions = self.model.generate(prompts, sampling_params=self._row_params(batch, len(prompts)))
+            out = self.model.generate(prompts, sampling_params=self._row_params(batch, len(prompts)))
+            completions = out if isinstance(out, list) else [out]
         return _with_columns(batch, {
             "completion": np.array([c.text for c in completions], dtype=object),
             "finish_reason": np.array([c.choices[0].finish_reason for c in completions], dtype=object),
@@ -385,7 +388,7 @@ def openai_app(model: str | os.PathLike[str], *, model_id: str | None = None, de
         serve.ingress(build_app)(), name=name, num_replicas=num_replicas, ray_actor_options=actor_options,
         max_ongoing_requests=max_ongoing_requests or options.get("max_active", 64),
     )
-    return deployment.bind()
+    return deployment.bind()  # type: ignore[attr-defined]
 
 
 def build_openai_app(args: Mapping[str, str]) -> Application:
