@@ -5,8 +5,8 @@ give ∂L/∂x. The check perturbs every element of every input by ±h, takes (L
 the relative error ‖numeric - analytic‖∞ / ‖analytic‖∞ to 1e-6 (five-point differences at h = 1e-4: the
 truncation error is O(h⁴), the rounding error O(ε/h), about 1e-11 together). Inputs of softmax, cross-entropy
 and the activations are kept within ±4, where gradients do not vanish: in a saturated softmax or the far tail of
-GELU the true gradient (1e-9 and below) is smaller than the rounding error of any finite difference. Shapes, values (through a seed and a scale) and options are drawn by
-Hypothesis."""
+GELU the true gradient (1e-9 and below) is smaller than the rounding error of any finite difference. Shapes,
+values (through a seed and a scale) and options are drawn by Hypothesis."""
 from __future__ import annotations
 
 import numpy as np

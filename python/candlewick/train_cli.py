@@ -178,7 +178,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     write_metrics(history, out / "metrics.csv")
     plot_losses(history, out / "loss.png", f"{out.name}: {what}, {n_params:,} parameters, seed {args.seed}")
     tokens = settings.steps * settings.batch_size * block
-    summary = {"data": str(data), "from": args.from_ckpt, "arch": model.config.raw["model_type"], "parameters": n_params,
+    summary = {"data": str(data), "from": args.from_ckpt, "arch": model.config.raw["model_type"],
+               "parameters": n_params,
                "seed": args.seed, "steps": settings.steps, "batch_size": settings.batch_size, "block_size": block,
                "lr": lr, "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
                "val_loss_before": history[0].val_loss, "val_loss_after": history[-1].val_loss,
@@ -243,8 +244,8 @@ def add_commands(sub, load_options: argparse.ArgumentParser, model_help: str) ->
                     "text first; with --from, an existing checkpoint is fine-tuned with its own tokenizer. The last "
                     "--val-fraction of the text is held out as the validation set. OUT receives config.json, "
                     "model.safetensors, tokenizer.json (loadable by candlewick.load and candlewick.reference.load), "
-                    "metrics.csv (step,train_loss,val_loss), loss.png and training.json; OUT is then the MODEL of every other "
-                    "command (generate, eval, serve, ...).",
+                    "metrics.csv (step,train_loss,val_loss), loss.png and training.json; OUT is then the MODEL of "
+                    "every other command (generate, eval, serve, ...).",
         epilog="examples:\n  candlewick train demo/genesis-gpt2 --data demo/genesis.txt --steps 1500 --seed 0\n"
                "  candlewick train /tmp/tiny --data README.md --arch llama --dim 64 --layers 2 --steps 200\n"
                "  candlewick train /tmp/exodus --from demo/genesis-gpt2 --data exodus.txt --steps 100",
