@@ -159,36 +159,11 @@ impl Model {
         })
     }
 
-    /// One step of a flattened batch over a paged KV pool: the logits [M][V] of `out_rows` (see
+    /// One step of a flattened batch over a paged KV pool: the logits [M][V] of its `out_rows` (see
     /// Decoder::paged_logits).
-    pub fn paged_logits(
-        &self,
-        ids: &[u32],
-        positions: &[u32],
-        slots: &[u32],
-        seqs: &[crate::nn::PagedSeq],
-        pool: &mut crate::nn::KvPool,
-        out_rows: &[u32],
-    ) -> Result<Vec<Vec<f32>>> {
+    pub fn paged_logits(&self, step: &crate::nn::PagedStep, pool: &mut crate::nn::KvPool) -> Result<Vec<Vec<f32>>> {
         on_workers(|| match &self.net {
-            Net::Decoder(m) => m.paged_logits(ids, positions, slots, seqs, pool, out_rows),
-            Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
-        })
-    }
-
-    /// One step of a flattened batch over a paged KV pool (see Decoder::forward_paged): final hidden [M, C] of
-    /// `out_rows`.
-    pub fn forward_paged(
-        &self,
-        ids: &[u32],
-        positions: &[u32],
-        slots: &[u32],
-        seqs: &[crate::nn::PagedSeq],
-        pool: &mut crate::nn::KvPool,
-        out_rows: &[u32],
-    ) -> Result<Tensor> {
-        on_workers(|| match &self.net {
-            Net::Decoder(m) => m.forward_paged(ids, positions, slots, seqs, pool, out_rows),
+            Net::Decoder(m) => m.paged_logits(step, pool),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
         })
     }

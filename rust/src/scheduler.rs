@@ -577,7 +577,8 @@ impl Scheduler {
                     p
                 })
                 .collect();
-            self.model.paged_logits(&ids, &positions, &slots, &seqs, &mut self.pool, &out_rows)?
+            let step = crate::nn::PagedStep { ids: &ids, positions: &positions, slots: &slots, seqs: &seqs, out_rows: &out_rows };
+            self.model.paged_logits(&step, &mut self.pool)?
         };
         self.counters.computed_tokens += total as u64;
         let mut forks = vec![];

@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::Paged;
 use crate::kernels::cpu::{self, SendPtr, SyncBuf};
 use crate::kernels::quant::{ActsBuf, ActsRef, Kind, QWeight};
-use crate::nn::{KvPool, Linear, Norm, PagedSeq};
+use crate::nn::{KvPool, Linear, Norm, PagedStep};
 
 /// Which path decode steps take (`Mode`); `CANDLEWICK_DECODE_STEP=general` turns the team path off, tests and
 /// benches compare the paths with `set_mode`.
@@ -269,17 +269,9 @@ fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 impl Decoder {
     /// The step through the team, when the plan, the pool and the batch allow: every sequence one row, all of
     /// them wanted. None: take the general path.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn decode_step(
-        &self,
-        ids: &[u32],
-        positions: &[u32],
-        slots: &[u32],
-        seqs: &[PagedSeq],
-        pool: &mut KvPool,
-        out_rows: &[u32],
-    ) -> Result<Option<StepOut>> {
+    pub(super) fn decode_step(&self, step: &PagedStep, pool: &mut KvPool) -> Result<Option<StepOut>> {
         let Some(plan) = &self.step_plan else { return Ok(None) };
+        let PagedStep { ids, positions, slots, seqs, out_rows } = *step;
         let n = ids.len();
         let decode_only = n > 0
             && seqs.len() == n

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 pub mod step;
 
 use super::{last_rows, merge_heads, split_heads};
-use crate::nn::{embed, Cache, KvPool, Linear, Norm, PagedSeq, Table};
+use crate::nn::{embed, Cache, KvPool, Linear, Norm, PagedSeq, PagedStep, Table};
 use crate::config::{activation, Act, Config, Residual};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
@@ -484,43 +484,28 @@ impl Decoder {
         })
     }
 
+    /// `forward_paged` and the output projection: the logits of `out_rows`, through the team's decode step where
+    /// it applies (`step`), else the general path.
+    pub fn paged_logits(&self, step: &PagedStep, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        let hidden = match self.decode_step(step, pool)? {
+            Some(step::StepOut::Logits(l)) => return Ok(l),
+            Some(step::StepOut::Hidden(h)) => h,
+            None => self.forward_paged(step, pool)?,
+        };
+        if step.out_rows.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(self.lm_head(&hidden)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
     /// A flattened (ragged) batch of N tokens from many sequences: ids and positions [N], the keys and values of
     /// the sequences' earlier positions in `pool`, and the pool slots this step's keys and values go to [N].
     /// Returns the final hidden states [M, C] of the rows `out_rows` (those whose next token is wanted).
     ///
     /// Every projection, norm and MLP works on the N rows as one matrix; attention goes sequence by sequence over
     /// the pool (nn::paged). The last block runs attention and MLP for `out_rows` only.
-    /// `forward_paged` and the output projection: the logits of `out_rows`, through the team's decode step where
-    /// it applies (`step`), else the general path.
-    pub fn paged_logits(
-        &self,
-        ids: &[u32],
-        positions: &[u32],
-        slots: &[u32],
-        seqs: &[PagedSeq],
-        pool: &mut KvPool,
-        out_rows: &[u32],
-    ) -> Result<Vec<Vec<f32>>> {
-        let hidden = match self.decode_step(ids, positions, slots, seqs, pool, out_rows)? {
-            Some(step::StepOut::Logits(l)) => return Ok(l),
-            Some(step::StepOut::Hidden(h)) => h,
-            None => self.forward_paged(ids, positions, slots, seqs, pool, out_rows)?,
-        };
-        if out_rows.is_empty() {
-            return Ok(vec![]);
-        }
-        Ok(self.lm_head(&hidden)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-    }
-
-    pub fn forward_paged(
-        &self,
-        ids: &[u32],
-        positions: &[u32],
-        slots: &[u32],
-        seqs: &[PagedSeq],
-        pool: &mut KvPool,
-        out_rows: &[u32],
-    ) -> Result<Tensor> {
+    pub fn forward_paged(&self, step: &PagedStep, pool: &mut KvPool) -> Result<Tensor> {
+        let PagedStep { ids, positions, slots, seqs, out_rows } = *step;
         let n = ids.len();
         let (h, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let dev = self.embed_tokens.device();

@@ -296,6 +296,18 @@ pub struct PagedSeq<'a> {
     pub blocks: &'a [u32],
 }
 
+/// One step of a flattened (ragged) batch of N tokens from many sequences: ids and positions [N], the pool slots
+/// this step's keys and values go to [N], the sequences (their rows of the batch and their blocks), and the rows
+/// whose next token is wanted.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedStep<'a> {
+    pub ids: &'a [u32],
+    pub positions: &'a [u32],
+    pub slots: &'a [u32],
+    pub seqs: &'a [PagedSeq<'a>],
+    pub out_rows: &'a [u32],
+}
+
 /// Causal attention of a flattened batch over the pool: q [1, H, N, D] (the batch's N tokens) -> [1, H, N, D].
 /// `window`, `softcap` and `scale` as in ops::attention_with. Rows of sequences with `rows` 0 are absent (N counts
 /// only the others).
