@@ -129,7 +129,7 @@ print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name
 candle-core = { path = "$VENDOR" }
 [target.x86_64-unknown-linux-gnu]
 # the NVIDIA runtime wheels (nvidia-cublas, ...) install into site-packages/nvidia/cu13/lib: found from
-# site-packages/candlewick/ by dlopen through the extension's RUNPATH
+# site-packages/candlewick/ by dlopen through the extension's rpath
 rustflags = ["-L", "native=$LINKDIR", "-C", "link-arg=-Wl,-rpath,\$ORIGIN/../nvidia/cu13/lib"]
 EOF
     # the distribution: candlewick-cu13, the same import package, the NVIDIA runtime wheels as dependencies
@@ -148,9 +148,33 @@ EOF
     MATURIN_ARGS+=(--config "$WORK/cuda-cargo.toml")
 fi
 
+build() { (cd "$SRC" && nice maturin build "${MATURIN_ARGS[@]}") 2>&1 | tee -a "$WORK/build.log" >&2; }
+# Candle's quantized kernels come as libmoe.a, asked for as `-lmoe` beside `-lstdc++`: zig's linker looks for
+# libmoe.so only (no fall back to the archive), and takes `-lstdc++` for its own libc++, while nvcc compiled the
+# kernels' host code with GCC against libstdc++. A linker script named libmoe.so brings in the archive and GCC's
+# libstdc++.so.6 (manylinux allows it); it needs the archive's path, known once candle-kernels is built: where the
+# first pass stops there, the script is written and the link tried again.
+moe_script() {
+    local a
+    # shellcheck disable=SC2012  # cargo's folder names: no odd characters
+    a=$(ls -t "$CARGO_TARGET_DIR"/x86_64-unknown-linux-gnu/release/build/candle-kernels-*/out/libmoe.a 2>/dev/null | head -n 1)
+    [ -n "$a" ] || return 1
+    echo "INPUT($a $(readlink -f "$(g++ -print-file-name=libstdc++.so)"))" > "$LINKDIR/libmoe.so"
+}
 log "wheel (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+: > "$WORK/build.log"
 t0=$(seconds)
-(cd "$SRC" && nice maturin build "${MATURIN_ARGS[@]}") 2>&1 | tee "$WORK/build.log" >&2
+if [ $CUDA = 1 ]; then
+    moe_script || true
+    if ! build; then
+        moe_script || { echo "the CUDA build stopped before candle-kernels was built" >&2; exit 1; }
+        log "link again with $LINKDIR/libmoe.so"
+        touch "$SRC/rust/src/lib.rs"
+        build
+    fi
+else
+    build
+fi
 t1=$(seconds)
 WHEEL=$(ls "$WORK"/wheel/*.whl)
 cp "$WHEEL" "$OUT/"; cp "$SDIST" "$OUT/"
