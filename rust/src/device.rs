@@ -21,7 +21,20 @@ pub fn parse_device(name: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("cuda:{ordinal} is not available: {e}")))
+    // The CUDA wheel has cudarc open libcuda.so, cuBLAS, cuRAND and NVRTC when the first device is made, and cudarc
+    // panics where one of them is missing (a machine without a GPU driver): that is a DeviceError naming the library.
+    let made = std::panic::catch_unwind(|| Device::new_cuda(ordinal)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a CUDA library could not be loaded".into());
+        Error::Device(format!(
+            "cuda:{ordinal} is not available: {msg} (an NVIDIA GPU and its driver are needed; the CUDA wheel also \
+             loads cuBLAS, cuRAND and NVRTC for CUDA 13, which pip install candlewick-cu13 brings)"
+        ))
+    })?;
+    made.map_err(|e| Error::Device(format!("cuda:{ordinal} is not available: {e}")))
 }
 
 #[cfg(not(feature = "cuda"))]
