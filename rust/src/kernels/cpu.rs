@@ -115,7 +115,7 @@ impl SendPtr {
 }
 
 /// A buffer that the threads of one parallel job write in disjoint parts, and read once those writes are done
-/// (a barrier between), as the decode team's stages do. Its accessors are unsafe: the caller keeps writes and
+/// (in a later stage), as the decode team's stages do. Its accessors are unsafe: the caller keeps writes and
 /// reads apart.
 pub struct SyncBuf<T> {
     ptr: *mut T,
@@ -137,14 +137,6 @@ impl<T: Copy + Default> SyncBuf<T> {
 
     pub fn from_vec(mut own: Vec<T>) -> Self {
         Self { ptr: own.as_mut_ptr(), len: own.len(), _own: own }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Elements `start..start + n` to write.

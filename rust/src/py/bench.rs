@@ -118,25 +118,6 @@ fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usiz
     .py()
 }
 
-/// Seconds for `reps` reads of a `bytes`-long buffer by every thread of the pool (each its share, summed):
-/// what the memory gives to a pure stream.
-#[pyfunction]
-fn bench_stream(py: Python<'_>, bytes: usize, reps: usize) -> PyResult<f64> {
-    use rayon::prelude::*;
-    detach(py, "bench_stream", || -> crate::Result<f64> {
-        let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
-        let per = buf.len().div_ceil(crate::kernels::cpu::threads().max(1) * 4).max(1);
-        let sum = || buf.par_chunks(per).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum());
-        let t0 = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(sum());
-        }
-        Ok(t0.elapsed().as_secs_f64())
-    })
-    .py()
-}
-
 /// Which path decode steps take: "auto" (the default: the thread team where the model allows, the general path
 /// for a while after a step that waited on descheduled threads), "team" (always where it applies) or "general";
 /// returns the mode before. For tests and benches that compare the paths in one process.
@@ -167,7 +148,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_set_decode_step, m)?)?;
     m.add_function(wrap_pyfunction!(_decode_steps, m)?)?;
     m.add_function(wrap_pyfunction!(bench_matvec, m)?)?;
-    m.add_function(wrap_pyfunction!(bench_stream, m)?)?;
     m.add_function(wrap_pyfunction!(bench_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(bench_decode, m)?)?;
     Ok(())

@@ -155,7 +155,7 @@ impl QWeight {
 }
 
 /// Activations of `m` rows of `inp` values rounded for one kind of weight, each row set by whichever thread of a
-/// team (rows apart), then read by all of them (after a barrier).
+/// team (rows apart), then read by all of them (in a later stage).
 pub struct ActsBuf {
     kind: Kind,
     inp: usize,
@@ -168,10 +168,6 @@ impl ActsBuf {
     pub fn new(kind: Kind, m: usize, inp: usize) -> Self {
         let nb = inp / 32;
         Self { kind, inp, q: cpu::SyncBuf::new(m * inp), a: cpu::SyncBuf::new(m * nb), c: cpu::SyncBuf::new(2 * m * nb) }
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.kind
     }
 
     /// Round row `r` (`x`, `inp` values) as `QWeight::matmul` rounds it.
