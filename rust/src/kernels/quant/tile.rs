@@ -11,6 +11,11 @@ use crate::kernels::cpu::Isa;
 /// Activation rows per kernel call, at most.
 pub(super) const TILE: usize = 8;
 
+/// How far ahead of the block being multiplied the SIMD kernels prefetch weight bytes: 2 KiB (8 Q4_1 blocks of a
+/// group, 4 of Q8_0). On a 2-vCPU Xeon a 2-thread Q4_1 matvec over 18 MB streamed 18.4 GB/s without it and 24-26
+/// with 768-3072 bytes (Q8_0 19.7 -> 20.5-22.4) in the same run.
+const PREFETCH: usize = 2048;
+
 /// Activation rows rounded to 8 bits, as llama.cpp rounds them for each format: per block of 32 with the scale
 /// rounded to f16 (its Q8_0 and Q8_1) for the 32-block formats, per 256 with an f32 scale (its Q8_K) for the
 /// K-quants. `q` [rows][in]; per block of 32 the scale `a` (dx) [rows][nb] and two correction terms `c`
@@ -103,6 +108,29 @@ unsafe fn tile_scalar<const M: usize>(w: &QWeight, g: usize, xs: &ActsRef, r0: u
     }
 }
 
+/// Prefetch block `gi`'s bytes PREFETCH ahead, and its scales as far ahead: the hardware prefetcher alone left a
+/// 2-thread Q4_1 matvec a quarter below the rate it reaches with it (see PREFETCH). A prefetch never faults; past the end of
+/// the weights it is simply wasted.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(w: &QWeight, gi: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let kind = w.kind;
+    let (gb, spb) = (kind.group_block_bytes(), kind.scales_per_block());
+    let sb = if kind.f32_scales() { 4 } else { 2 };
+    let ahead = w.qs.as_ptr().wrapping_add(gi * gb + PREFETCH);
+    // SAFETY: prefetching is a hint with no effect on memory or faults, whatever the address.
+    unsafe {
+        for l in 0..gb.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64) as *const i8);
+        }
+        _mm_prefetch::<_MM_HINT_T0>(w.d.ptr(gi * spb * ROWS).wrapping_add(PREFETCH * spb * ROWS * sb / gb) as *const i8);
+        if kind.has_min() {
+            _mm_prefetch::<_MM_HINT_T0>(w.m.ptr(gi * ROWS).wrapping_add(PREFETCH * ROWS * sb / gb) as *const i8);
+        }
+    }
+}
+
 /// AVX-512 VNNI: 16 rows per register; two accumulators per activation row (even and odd blocks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -126,6 +154,7 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                 let b = $b;
                 let gi = g * nb + b;
                 let base = w.qs.as_ptr().add(gi * gb);
+                prefetch(w, gi);
                 let mut ws = [_mm512_setzero_si512(); 8];
                 if kind.nibbles() {
                     for k in 0..4 {
@@ -211,6 +240,9 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
             let mut f = [_mm256_setzero_ps(); M];
             for b in 0..nb {
                 let gi = g * nb + b;
+                if half == 0 {
+                    prefetch(w, gi);
+                }
                 let base = w.qs.as_ptr().add(gi * gb + half * 32);
                 let mut ws = [_mm256_setzero_si256(); 8];
                 if kind.nibbles() {
