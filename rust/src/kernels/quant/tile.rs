@@ -109,8 +109,8 @@ unsafe fn tile_scalar<const M: usize>(w: &QWeight, g: usize, xs: &ActsRef, r0: u
 }
 
 /// Prefetch block `gi`'s bytes PREFETCH ahead, and its scales as far ahead: the hardware prefetcher alone left a
-/// 2-thread Q4_1 matvec a quarter below the rate it reaches with it (see PREFETCH). A prefetch never faults; past the end of
-/// the weights it is simply wasted.
+/// 2-thread Q4_1 matvec a quarter below the rate it reaches with it (see PREFETCH). A prefetch never faults; past
+/// the end of the weights it is simply wasted.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch(w: &QWeight, gi: usize) {
