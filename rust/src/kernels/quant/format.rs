@@ -51,10 +51,20 @@ impl Kind {
         }
     }
 
-    /// Weights stored as nibbles (else as bytes).
+    /// Weights stored as nibbles, any bits above the fourth in bit planes (else as bytes: Q8_0).
     #[inline(always)]
     pub(super) const fn nibbles(self) -> bool {
-        matches!(self, Kind::Q4_0 | Kind::Q4_1 | Kind::Q4K)
+        !matches!(self, Kind::Q8_0)
+    }
+
+    /// Bit planes beside the nibbles: one for the 5-bit formats (bit 4), two for Q6_K (bits 4 and 5).
+    #[inline(always)]
+    pub(super) const fn planes(self) -> usize {
+        match self {
+            Kind::Q5_0 | Kind::Q5_1 | Kind::Q5K => 1,
+            Kind::Q6K => 2,
+            _ => 0,
+        }
     }
 
     /// Scales kept as f32 (else as the file's f16).
@@ -90,7 +100,7 @@ impl Kind {
     #[inline(always)]
     pub(super) const fn group_block_bytes(self) -> usize {
         if self.nibbles() {
-            256
+            256 + 64 * self.planes()
         } else {
             512
         }

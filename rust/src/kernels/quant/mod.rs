@@ -9,12 +9,15 @@
 //! one per 16) and either an offset or a min: w = d·(q − offset) (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0: 128, as
 //! q = stored + 128) or w = d·q + m (Q4_1, Q5_1, and the K-quants' d·sc and −dmin·m per sub-block). The rows are
 //! then repacked so that one SIMD register holds the same four weights of 16 consecutive rows: for a group of 16
-//! rows and a block, chunk k holds, at byte 4·r + i, weight 4k + i of row r — as a byte (5-, 6- and 8-bit
-//! formats, chunks 0..8) or as the low nibble beside weight 16 + 4k + i in the high nibble (4-bit formats,
-//! chunks 0..4, the GGML byte order itself). A dot-product instruction (AVX-512 VNNI `vpdpbusd`, or AVX2
-//! `vpmaddubsw`) against four activation bytes broadcast to every lane then sums four products per row for 16
-//! rows at once, and the 16 rows' scales of a block load as one vector (f16 as in the file for the 32-blocks;
-//! f32 for the K-quants, whose sub-block scale is a product). Per block and row, with qx the activations' bytes,
+//! rows and a block, chunk k (0..8) holds, at byte 4·r + i, weight 4k + i of row r. Q8_0 stores the chunks as
+//! bytes (512 per group and block); every other format stores their low four bits as nibbles, chunk k < 4 in the
+//! low and chunk k + 4 in the high nibble of 256 bytes (the GGML byte order itself), followed by one 64-bit plane
+//! per bit above the fourth (one for Q5_0, Q5_1 and Q5_K, two for Q6_K): plane p holds for chunk k, at bit 4·r + i,
+//! bit 4 + p of that weight, so that a byte-masked add restores it (320 and 384 bytes per group and block: a 5-bit
+//! weight streams as 5 bits, not 8). A dot-product instruction (AVX-512 VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`)
+//! against four activation bytes broadcast to every lane then sums four products per row for 16 rows at once, and
+//! the 16 rows' scales of a block load as one vector (f16 as in the file for the 32-blocks; f32 for the K-quants,
+//! whose sub-block scale is a product). Per block and row, with qx the activations' bytes,
 //! dx their scale and s = dx·Σ qx:
 //!     offset formats:  d·(dx·Σ q·qx − offset·s)           min formats:  d·dx·Σ q·qx + m·s
 //! Many activation rows (prefill) go through the same kernel in tiles of up to 8 rows, so each group's weights

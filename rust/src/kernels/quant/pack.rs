@@ -40,14 +40,16 @@ pub(super) fn weight_q(w: &QWeight, gi: usize, lane: usize, j: usize) -> i32 {
     let (quad, i) = (j / 4, j % 4);
     let base = gi * w.kind.group_block_bytes();
     if !w.kind.nibbles() {
-        w.qs[base + quad * 64 + lane * 4 + i] as i32
-    } else if quad < 4 {
-        (w.qs[base + quad * 64 + lane * 4 + i] & 15) as i32
-    } else {
-        (w.qs[base + (quad - 4) * 64 + lane * 4 + i] >> 4) as i32
+        return w.qs[base + quad * 64 + lane * 4 + i] as i32;
     }
+    let byte = w.qs[base + (quad % 4) * 64 + lane * 4 + i];
+    let mut q = if quad < 4 { byte & 15 } else { byte >> 4 } as i32;
+    for p in 0..w.kind.planes() {
+        let bits = u64::from_le_bytes(w.qs[base + 256 + 64 * p + 8 * quad..][..8].try_into().unwrap());
+        q |= (((bits >> (lane * 4 + i)) & 1) as i32) << (4 + p);
+    }
+    q
 }
-
 
 impl QWeight {
     pub(super) fn repack(kind: Kind, data: &[u8], out: usize, inp: usize, release: &dyn Fn(&[u8])) -> Self {
@@ -81,10 +83,17 @@ impl QWeight {
                     m[gi * ROWS + lane] = ms[b];
                 }
                 let (src, dst) = (&q[b * 32..b * 32 + 32], &mut qs[gi * gb..][..gb]);
-                for k in 0..if kind.nibbles() { 4 } else { 8 } {
+                for k in 0..8 {
                     for i in 0..4 {
-                        dst[k * 64 + lane * 4 + i] =
-                            if kind.nibbles() { src[4 * k + i] | (src[16 + 4 * k + i] << 4) } else { src[4 * k + i] };
+                        let (v, at) = (src[4 * k + i], lane * 4 + i);
+                        if !kind.nibbles() {
+                            dst[k * 64 + at] = v;
+                            continue;
+                        }
+                        dst[(k % 4) * 64 + at] |= (v & 15) << if k < 4 { 0 } else { 4 };
+                        for p in 0..kind.planes() {
+                            dst[256 + 64 * p + 8 * k + at / 8] |= ((v >> (4 + p)) & 1) << (at % 8);
+                        }
                     }
                 }
             }

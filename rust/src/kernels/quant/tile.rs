@@ -162,6 +162,13 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                         ws[k] = _mm512_and_si512(l, low);
                         ws[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), low);
                     }
+                    for p in 0..kind.planes() {
+                        let bit = _mm512_set1_epi8(16 << p);
+                        for k in 0..8 {
+                            let plane = (base.add(256 + 64 * p + 8 * k) as *const u64).read_unaligned();
+                            ws[k] = _mm512_mask_add_epi8(ws[k], plane, ws[k], bit);
+                        }
+                    }
                 } else {
                     for k in 0..8 {
                         ws[k] = _mm512_loadu_si512(base.add(k * 64) as *const _);
@@ -229,6 +236,8 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
         let low = _mm256_set1_epi8(15);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
+        let spread_bytes = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+        let bit_of_byte = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
         let load_scales = |p: *const u8, half: usize| {
             if kind.f32_scales() {
                 _mm256_loadu_ps((p as *const f32).add(half * 8))
@@ -251,6 +260,16 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                         ws[k] = _mm256_and_si256(l, low);
                         ws[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(l), low);
                     }
+                    for p in 0..kind.planes() {
+                        let bit = _mm256_set1_epi8(16 << p);
+                        for k in 0..8 {
+                            // this half's 32 bits of the plane, bit j to byte j: 0xFF where set
+                            let plane = (w.qs.as_ptr().add(gi * gb + 256 + 64 * p + 8 * k + 4 * half) as *const i32).read_unaligned();
+                            let spread = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(plane), spread_bytes), bit_of_byte);
+                            let set = _mm256_cmpeq_epi8(spread, bit_of_byte);
+                            ws[k] = _mm256_add_epi8(ws[k], _mm256_and_si256(set, bit));
+                        }
+                    }
                 } else {
                     for k in 0..8 {
                         let l = _mm256_loadu_si256(base.add(k * 64) as *const _);
@@ -262,8 +281,8 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                     let row = r0 + r;
                     let xp = xs.q.as_ptr().add(row * w.inp + b * 32) as *const i32;
                     let xb = |k: usize| _mm256_set1_epi32(xp.add(k).read_unaligned());
-                    let (s0, s1) = if kind.nibbles() {
-                        // 15·127·2 per pair, four pairs per half: fits in i16
+                    let (s0, s1) = if kind.nibbles() && kind.planes() < 2 {
+                        // at most 31·127·2 per pair, four pairs per half: fits in i16 (not Q6_K's 63)
                         let (mut p0, mut p1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                         for k in 0..4 {
                             p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(ws[k], xb(k)));
