@@ -237,6 +237,17 @@ impl<'a> Paged<'a> {
         self
     }
 
+    /// Tasks a thread of `threads` should claim at a time: one, unless `split_heads` split the groups, when each
+    /// thread takes a contiguous run of heads: a group's keys and values come from memory once for every thread
+    /// that touches them, and one head per claim had every thread read every group.
+    pub fn chunk(&self, threads: usize) -> usize {
+        if self.tasks.first().is_some_and(|t| t.4 < self.rep) {
+            self.tasks.len().div_ceil(threads.max(1))
+        } else {
+            1
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.tasks.len()
     }

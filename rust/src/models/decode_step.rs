@@ -43,18 +43,23 @@ use crate::nn::{KvPool, Linear, Norm, PagedStep};
 /// benches compare the paths with `set_mode`.
 static MODE: AtomicU8 = AtomicU8::new(Mode::Auto as u8);
 static STEPS: AtomicU64 = AtomicU64::new(0);
-/// Steps left to take the general path after a crowded team step (see `kernels::team::Stats::crowded`): with
+/// Steps left to take the general path after crowded team steps (see `kernels::team::Stats::crowded`): with
 /// more busy threads than cores, a team waits for whichever of its threads the system has descheduled, where
 /// the general path's parallel loops carry on without it. The team is tried again after them.
 static BACKOFF: AtomicU64 = AtomicU64::new(0);
 const BACKOFF_STEPS: u64 = 64;
+/// Whether each of the last 8 team steps was crowded (bit 0 the latest). The general path takes over once 3 of
+/// them were: a lone crowded step is a thread the hypervisor took away for a moment (on a 2-vCPU VM, about one
+/// step in 40 of a SmolLM2 decode with nothing else running, 0.3-5 ms each), which the general path would have
+/// waited for too, and backing off for each had 65% of a 512-token decode's steps on the general path.
+static CROWDED: AtomicU8 = AtomicU8::new(0);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Mode {
     /// every step the general path
     General = 0,
-    /// the team where it applies, the general path for a while after a crowded step (the default)
+    /// the team where it applies, the general path for a while after crowded steps (the default)
     Auto = 1,
     /// the team wherever it applies (tests)
     Team = 2,
@@ -68,6 +73,7 @@ fn env_allows() -> bool {
 /// Set the path decode steps take; returns the one before. Ends a back-off.
 pub fn set_mode(mode: Mode) -> Mode {
     BACKOFF.store(0, Ordering::Relaxed);
+    CROWDED.store(0, Ordering::Relaxed);
     match MODE.swap(mode as u8, Ordering::SeqCst) {
         0 => Mode::General,
         1 => Mode::Auto,
@@ -470,7 +476,7 @@ impl Decoder {
                 let (kd, vd, qd) = unsafe {
                     (std::slice::from_raw_parts(kptr[i].get() as *const f32, pool_len), std::slice::from_raw_parts(vptr[i].get() as *const f32, pool_len), qh.get())
                 };
-                ctx.stage(s0 + 3, jobs[i].len(), 1, |tr| {
+                ctx.stage(s0 + 3, jobs[i].len(), jobs[i].chunk(ctx.n), |tr| {
                     for t in tr {
                         // SAFETY: Paged::new checked the shapes against the pool and the batch; task t writes its
                         // own rows of y, which no one reads before stage 5.
@@ -518,8 +524,13 @@ impl Decoder {
             }
         };
         let stats = crate::kernels::team::run("decode step", n_stages, &job)?;
-        if stats.crowded() && mode == Mode::Auto as u8 {
-            BACKOFF.store(BACKOFF_STEPS, Ordering::Relaxed);
+        if mode == Mode::Auto as u8 {
+            let seen = (CROWDED.load(Ordering::Relaxed) << 1) | stats.crowded() as u8;
+            let back_off = seen.count_ones() >= 3;
+            CROWDED.store(if back_off { 0 } else { seen }, Ordering::Relaxed);
+            if back_off {
+                BACKOFF.store(BACKOFF_STEPS, Ordering::Relaxed);
+            }
         }
         drop(tables);
         drop(guards);
