@@ -180,6 +180,8 @@ pub struct Paged<'a> {
     scale: f32,
     window: Option<usize>,
     softcap: Option<f32>,
+    /// where `split_heads` made runs: the first task of each, then the number of tasks
+    runs: Option<Vec<usize>>,
 }
 
 impl<'a> Paged<'a> {
@@ -223,29 +225,49 @@ impl<'a> Paged<'a> {
             }
         }
         let scale = scale as f32;
-        Some(Self { tasks, seqs, n, rep, d, width, block_size, scale, window, softcap: softcap.map(|c| c as f32) })
+        Some(Self { tasks, seqs, n, rep, d, width, block_size, scale, window, softcap: softcap.map(|c| c as f32), runs: None })
     }
 
-    /// The same job in at least `min_tasks` tasks where it has fewer: each group's query heads one task each
-    /// (they then load the group's keys one by one; every number is the same, as a row's numbers never depend
-    /// on the other rows of its block). For a decode step of few sequences, whose few groups would leave threads
-    /// idle.
-    pub fn split_heads(mut self, min_tasks: usize) -> Self {
-        if self.tasks.len() < min_tasks && self.rep > 1 {
-            self.tasks = self.tasks.iter().flat_map(|&(si, g, i0, _, rep)| (0..rep).map(move |k| (si, g, i0, k, 1))).collect();
+    /// For a decode step of few sequences, whose few groups would leave threads idle: the job cut into `parts`
+    /// runs of about equal numbers of query heads, each a contiguous stretch of the (task, head) list, a task per
+    /// group within a run. Every number is the same (a row's numbers never depend on the other rows of its
+    /// block), and a group's keys and values are read once per run that has some of its heads: on a 9-head,
+    /// 3-group model at batch 1, two runs (group 0 and two heads of group 1; the third and group 2) read four
+    /// groups, where a task per head had each thread read its heads' groups once per head. Claim the parts with
+    /// `parts` and `part`.
+    pub fn split_heads(mut self, parts: usize) -> Self {
+        if self.tasks.len() >= parts || self.rep == 1 {
+            return self;
         }
+        let per = (self.tasks.len() * self.rep).div_ceil(parts);
+        let mut tasks = vec![];
+        let mut starts = vec![0];
+        for (ti, &(si, g, i0, _, _)) in self.tasks.iter().enumerate() {
+            let mut h0 = 0;
+            while h0 < self.rep {
+                let flat = ti * self.rep + h0;
+                if flat > 0 && flat.is_multiple_of(per) {
+                    starts.push(tasks.len());
+                }
+                let heads = (per - flat % per).min(self.rep - h0);
+                tasks.push((si, g, i0, h0, heads));
+                h0 += heads;
+            }
+        }
+        starts.push(tasks.len());
+        self.tasks = tasks;
+        self.runs = Some(starts);
         self
     }
 
-    /// Tasks a thread of `threads` should claim at a time: one, unless `split_heads` split the groups, when each
-    /// thread takes a contiguous run of heads: a group's keys and values come from memory once for every thread
-    /// that touches them, and one head per claim had every thread read every group.
-    pub fn chunk(&self, threads: usize) -> usize {
-        if self.tasks.first().is_some_and(|t| t.4 < self.rep) {
-            self.tasks.len().div_ceil(threads.max(1))
-        } else {
-            1
-        }
+    /// How many parts a thread team claims: the runs of `split_heads`, else one task each.
+    pub fn parts(&self) -> usize {
+        self.runs.as_ref().map_or(self.tasks.len(), |r| r.len() - 1)
+    }
+
+    /// The tasks of part `p`.
+    pub fn part(&self, p: usize) -> std::ops::Range<usize> {
+        self.runs.as_ref().map_or(p..p + 1, |r| r[p]..r[p + 1])
     }
 
     pub fn len(&self) -> usize {

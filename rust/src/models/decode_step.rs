@@ -315,7 +315,7 @@ impl Decoder {
         for (i, blk) in self.layers.iter().enumerate() {
             let scale = cfg.attn_scale / if cfg.attn_scale_by_layer { (i + 1) as f64 } else { 1.0 };
             match Paged::new(seqs, n, h, hkv, d, pool_len, bs, scale, blk.window, cfg.attn_softcap) {
-                Some(j) => jobs.push(j.split_heads(2 * cpu::threads())),
+                Some(j) => jobs.push(j.split_heads(cpu::threads())),
                 None => return Ok(None),
             }
         }
@@ -476,8 +476,8 @@ impl Decoder {
                 let (kd, vd, qd) = unsafe {
                     (std::slice::from_raw_parts(kptr[i].get() as *const f32, pool_len), std::slice::from_raw_parts(vptr[i].get() as *const f32, pool_len), qh.get())
                 };
-                ctx.stage(s0 + 3, jobs[i].len(), jobs[i].chunk(ctx.n), |tr| {
-                    for t in tr {
+                ctx.stage(s0 + 3, jobs[i].parts(), 1, |pr| {
+                    for t in pr.flat_map(|p| jobs[i].part(p)) {
                         // SAFETY: Paged::new checked the shapes against the pool and the batch; task t writes its
                         // own rows of y, which no one reads before stage 5.
                         unsafe { jobs[i].run(t, qd, kd, vd, y.ptr()) };

@@ -416,6 +416,49 @@ mod tests {
         }
     }
 
+    /// A decode step's job cut into runs of heads (as the decode team claims it) gives every head of every
+    /// sequence exactly the numbers of the whole job, whatever the number of runs.
+    #[test]
+    fn runs_of_heads_give_the_same_numbers() {
+        use crate::kernels::attention::Paged;
+        let dev = Device::Cpu;
+        for (h, hkv, nseq) in [(9usize, 3usize, 1usize), (8, 1, 1), (12, 4, 1), (6, 2, 2), (4, 4, 1)] {
+            let (d, bs) = (16, 4);
+            let mut pool = KvPool::new(1, 40, bs, hkv * d, DType::F32, &dev).unwrap();
+            let kv = Tensor::randn(0f32, 1.0, (40 * bs, hkv * d), &dev).unwrap();
+            pool.write(0, &(0..160).collect::<Vec<u32>>(), &kv, &(kv.clone() * 0.5).unwrap()).unwrap();
+            let blocks: Vec<u32> = (0..40).map(|i| (i * 7) % 40).collect();
+            let seqs: Vec<PagedSeq> = (0..nseq).map(|i| PagedSeq { row0: i, rows: 1, ctx: 30 + 7 * i, blocks: &blocks[10 * i..10 * i + 10] }).collect();
+            let q: Vec<f32> = Tensor::randn(0f32, 1.0, (h * nseq * d,), &dev).unwrap().to_vec1().unwrap();
+            let LayerKv::Host { k, v } = pool.layer(0) else { unreachable!("a CPU pool of f32") };
+            let run = |job: &Paged| {
+                let mut out = vec![f32::NAN; h * nseq * d];
+                let mut seen = 0;
+                for p in 0..job.parts() {
+                    for t in job.part(p) {
+                        // SAFETY: q and out hold [H, N, D]; the pool is the job's; one thread.
+                        unsafe { job.run(t, &q, k, v, out.as_mut_ptr()) };
+                        seen += 1;
+                    }
+                }
+                assert_eq!(seen, job.len());
+                out
+            };
+            let whole = Paged::new(&seqs, nseq, h, hkv, d, k.len(), bs, 0.25, None, None).unwrap();
+            let want = run(&whole);
+            assert!(want.iter().all(|x| x.is_finite()));
+            for parts in [2, 3, 5, 16] {
+                let split = Paged::new(&seqs, nseq, h, hkv, d, k.len(), bs, 0.25, None, None).unwrap().split_heads(parts);
+                if whole.len() < parts && h > hkv {
+                    // runs of ceil(heads / parts) heads each, the last perhaps fewer
+                    let per = (h * nseq).div_ceil(parts);
+                    assert_eq!(split.parts(), (h * nseq).div_ceil(per), "h {h} hkv {hkv} seqs {nseq}: {parts} runs");
+                }
+                assert_eq!(run(&split), want, "h {h} hkv {hkv} seqs {nseq}: {parts} runs");
+            }
+        }
+    }
+
     fn check_ragged(pool: &KvPool, blocks: &[u32], h: usize, hkv: usize, d: usize, bs: usize) {
         let dev = Device::Cpu;
         // (rows, ctx): a decode step, a prefill chunk after a cached prefix, a whole prompt, a long chunk

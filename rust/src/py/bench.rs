@@ -119,7 +119,7 @@ fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usiz
 }
 
 /// Which path decode steps take: "auto" (the default: the thread team where the model allows, the general path
-/// for a while after a step that waited on descheduled threads), "team" (always where it applies) or "general";
+/// for a while after steps that waited on descheduled threads), "team" (always where it applies) or "general";
 /// returns the mode before. For tests and benches that compare the paths in one process.
 #[pyfunction]
 fn _set_decode_step(mode: &str) -> PyResult<String> {
