@@ -75,9 +75,9 @@ def gguf_bytes(path: Path) -> tuple[int, str, dict]:
     return read, main, cfg
 
 
-def kv_bytes(cfg: dict, position: float) -> float:
+def kv_bytes(cfg: dict, position: float, elem: int = 4) -> float:
     d = cfg["hidden"] // cfg["heads"]
-    return 2 * cfg["layers"] * cfg["kv_heads"] * d * 4 * position
+    return 2 * cfg["layers"] * cfg["kv_heads"] * d * elem * position
 
 
 def stream_rate(fmt: str, nbytes: int, inp: int, reps: int) -> float:
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="candlewick alone")
     ap.add_argument("--files", default="Q4_1,Q8_0,Q4_K_M", help="formats of SmolLM2 to run (default: all three)")
     ap.add_argument("--gpt2", action="store_true", help="also GPT-2 124M shapes in float32 and bfloat16 (random weights)")
+    ap.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default="f32",
+                    help="candlewick's KV cache (default: f32; llama-bench keeps f16, its default)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "candlewick-bench-decode"),
@@ -175,13 +177,14 @@ def main() -> None:
             files[fmt] = requantize(args.llama_bench, q41, cache / f"SmolLM2-135M-Instruct.{fmt}.gguf", fmt, args.threads)
         else:
             raise SystemExit(f"{fmt}: made by llama-quantize, so --llama-bench PATH is needed")
-    print(f"machine: {machine()}; threads: {args.threads}; reps: {args.reps} (median)\n")
+    print(f"machine: {machine()}; threads: {args.threads}; reps: {args.reps} (median); "
+          f"candlewick KV cache {args.kv_cache_dtype}\n")
     print(row(["file", "test", "candlewick tok/s", "general path", "llama.cpp", "vs llama.cpp", "bytes/token",
                "stream GB/s", "roofline tok/s", "of roofline"]))
     print(row(["---"] * 2 + ["---:"] * 8))
     rng = np.random.default_rng(0)
     for fmt, path in files.items():
-        model = cw.load(path)
+        model = cw.load(path, kv_cache_dtype=args.kv_cache_dtype)
         vocab = model.config["vocab_size"]
         prompt = [int(t) for t in rng.integers(100, vocab, 128)]
         long = [int(t) for t in rng.integers(100, vocab, 512)]
@@ -199,7 +202,7 @@ def main() -> None:
                 team.append(cw_decode(model, prompt, n, True))
                 general.append(cw_decode(model, prompt, n, False))
             t, g = statistics.median(team), statistics.median(general)
-            per_token = weights + kv_bytes(cfg, 128 + n / 2)
+            per_token = weights + kv_bytes(cfg, 128 + n / 2, 2 if args.kv_cache_dtype == "f16" else 4)
             roof = rate * 1e9 / per_token
             pr = peer.get(f"tg{n}")
             print(row([path.name, f"tg{n}", f"{t:.1f}", f"{g:.1f}", f"{pr:.1f}" if pr else "",

@@ -46,7 +46,8 @@ def _model_name(arg: str) -> str:
 def _load(args: argparse.Namespace):
     import candlewick
 
-    return candlewick.load(_resolve_model(args.model), device=args.device, dtype=args.dtype)
+    return candlewick.load(_resolve_model(args.model), device=args.device, dtype=args.dtype,
+                           kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _progress(**kwargs):
@@ -473,7 +474,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
 def _load_path(path: str, args: argparse.Namespace):
     import candlewick
 
-    return candlewick.load(path, device=args.device, dtype=args.dtype)
+    return candlewick.load(path, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
 
 
 # -- the parser -------------------------------------------------------------------------------------------------
@@ -486,6 +487,9 @@ def _load_options() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
                    default=None, help="weights (default: the checkpoint's; float32 on CPU); q8_0 and the other "
                                       "block formats quantize a decoder checkpoint as it loads")
+    g.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default="f32",
+                   help="where generation keeps keys and values (default: f32); f16 halves the cache's memory and "
+                        "what long contexts read per token, rounding each value as llama.cpp's default cache does")
     return p
 
 

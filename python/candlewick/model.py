@@ -325,12 +325,16 @@ def _check_params(params: Mapping[str, Any]) -> None:
         raise TypeError(f"unknown generation parameter(s) {unknown}; known: {sorted(_GENERATE_PARAMS)}")
 
 
-def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> Model:
+def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
+         kv_cache_dtype: str = "f32") -> Model:
     """Load a Hugging Face-style checkpoint folder (config.json, *.safetensors, tokenizer.json), or a hub id
     ("org/name") through the huggingface_hub cache (see candlewick.hub.resolve).
 
     device: "cpu", "cuda" or "cuda:N". dtype: None (the checkpoint's; float32 on CPU), "float32", "bfloat16" or
-    "float16"."""
+    "float16". kv_cache_dtype: "f32" (the default: the activations' own on the CPU) or "f16", where generation
+    keeps its keys and values (CPU only): half the memory, and half the bytes a decode step reads at long
+    contexts, each key and value rounded to f16 as it is stored, as llama.cpp keeps its cache by default. The
+    logits then differ from the f32 cache's by that rounding; the decode paths still agree bit for bit."""
     from . import hub
 
-    return Model(_native.Model.load(hub.resolve(path), device, dtype))
+    return Model(_native.Model.load(hub.resolve(path), device, dtype, kv_cache_dtype))

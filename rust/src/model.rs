@@ -31,6 +31,8 @@ pub struct Model {
     /// The weights' dtype (activations are f32 on CPU whatever this is).
     pub dtype: DType,
     pub path: PathBuf,
+    /// The KV cache's dtype where it is not the activations' (`set_kv_cache_dtype`).
+    pub kv_dtype: Option<DType>,
 }
 
 /// A batch of token sequences padded on the right: ids [B, T].
@@ -77,7 +79,7 @@ impl Model {
         } else {
             None
         };
-        Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype, path: path.to_path_buf() })
+        Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype, path: path.to_path_buf(), kv_dtype: None })
     }
 
     fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
@@ -85,7 +87,7 @@ impl Model {
         let cfg = g.config()?;
         let tokenizer = Some(Arc::new(g.tokenizer()?));
         let net = Net::Decoder(Decoder::load_gguf(&cfg, &g, device)?);
-        Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype: DType::F32, path: path.to_path_buf() })
+        Ok(Self { cfg, tokenizer, net, device: device.clone(), dtype: DType::F32, path: path.to_path_buf(), kv_dtype: None })
     }
 
     pub fn is_decoder(&self) -> bool {
@@ -174,7 +176,20 @@ impl Model {
             Net::Decoder(m) => m.act_dtype(),
             Net::Bert(_) => DType::F32,
         };
-        (self.cfg.num_kv_heads * self.cfg.head_dim, act)
+        (self.cfg.num_kv_heads * self.cfg.head_dim, self.kv_dtype.unwrap_or(act))
+    }
+
+    /// Keep the KV cache of every engine made after this in `dtype`: "f32" (the default on the CPU: the
+    /// activations' own), or "f16", half the memory and the bytes a decode step reads at long contexts, each key
+    /// and value rounded to f16 as it is stored (as llama.cpp keeps its cache by default).
+    pub fn set_kv_cache_dtype(&mut self, dtype: &str) -> Result<()> {
+        self.kv_dtype = match dtype {
+            "f32" | "float32" => None,
+            "f16" | "float16" if self.device.is_cpu() => Some(DType::F16),
+            "f16" | "float16" => return Err(Error::arg(format!("kv_cache_dtype {dtype:?}: only on the CPU for now (device {:?})", self.device))),
+            other => return Err(Error::arg(format!("kv_cache_dtype {other:?}: expected \"f32\" or \"f16\""))),
+        };
+        Ok(())
     }
 
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {

@@ -10,8 +10,32 @@
 use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::error::Result;
 use super::cpu::SendPtr;
+
+/// A paged pool's keys and values [S, Hkv·D] as `Paged` reads them.
+#[derive(Clone, Copy)]
+pub enum Pool<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
+}
+
+impl Pool<'_> {
+    fn len(&self) -> (usize, usize) {
+        match self {
+            Pool::F32(k, v) => (k.len(), v.len()),
+            Pool::F16(k, v) => (k.len(), v.len()),
+        }
+    }
+}
+
+thread_local! {
+    /// An f16 pool's keys and values of one task, widened (see `Paged::run`).
+    static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
 
 /// Queries per task.
 const QBLOCK: usize = 64;
@@ -119,15 +143,14 @@ pub fn attention(
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
-/// Causal attention of a flattened (ragged) batch over a paged KV pool, f32 on CPU: q [1, H, N, D], pools
+/// Causal attention of a flattened (ragged) batch over a paged KV pool, f32 on CPU (an f32 or f16 pool): q [1, H, N, D], pools
 /// [S, Hkv·D] (slot = block · block_size + offset) -> [1, H, N, D]; None where this kernel does not apply. Each
 /// (sequence, KV head, block of 64 queries) is a task over the key runs of its blocks, as `attention` does for one
 /// contiguous run.
 #[allow(clippy::too_many_arguments)]
 pub fn paged(
     q: &Tensor,
-    kd: &[f32],
-    vd: &[f32],
+    pool: Pool,
     seqs: &[crate::nn::paged::PagedSeq],
     block_size: usize,
     hkv: usize,
@@ -142,8 +165,9 @@ pub fn paged(
     if one != 1 {
         return Ok(None);
     }
-    let Some(job) = Paged::new(seqs, n, h, hkv, d, kd.len(), block_size, scale, window, softcap) else { return Ok(None) };
-    if vd.len() != kd.len() {
+    let (klen, vlen) = pool.len();
+    let Some(job) = Paged::new(seqs, n, h, hkv, d, klen, block_size, scale, window, softcap) else { return Ok(None) };
+    if vlen != klen {
         return Ok(None);
     }
     let q = q.contiguous()?;
@@ -154,7 +178,7 @@ pub fn paged(
         let qd = &qc.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + h * n * d];
         let dst = SendPtr(out.as_mut_ptr());
         // SAFETY: `Paged::new` checked the shapes against q's, the pools' and out's sizes; tasks write disjoint rows.
-        let task = |i: usize| unsafe { job.run(i, qd, kd, vd, dst.get()) };
+        let task = |i: usize| unsafe { job.run(i, qd, pool, dst.get()) };
         let work: usize = seqs.iter().map(|s| s.rows * s.ctx).sum::<usize>() * d * h;
         if job.len() > 1 && work >= 1 << 17 {
             (0..job.len()).into_par_iter().for_each(task);
@@ -278,15 +302,44 @@ impl<'a> Paged<'a> {
         self.tasks.is_empty()
     }
 
-    /// Task `i`: its rows of `out` from `qd` [H, N, D] and the pools `kd`, `vd`.
+    /// Task `i`: its rows of `out` from `qd` [H, N, D] and the pool's keys and values. An f16 pool's keys and
+    /// values of the task's group are widened to f32 into a buffer of the thread's first (one contiguous run),
+    /// so every number is the one an f32 pool holding the same values gives.
     ///
     /// # Safety
     /// `qd` and `out` hold [H, N, D] for the N and H of `new`, the pools `pool_len` values each; no other thread
     /// writes the pool slots the task reads, nor the rows of `out` it writes, while it runs (no two tasks write
     /// the same rows).
-    pub unsafe fn run(&self, i: usize, qd: &[f32], kd: &[f32], vd: &[f32], out: *mut f32) {
-        let (si, g, i0, h0, heads) = self.tasks[i];
-        let (n, d, width, block_size, window) = (self.n, self.d, self.width, self.block_size, self.window);
+    pub unsafe fn run(&self, i: usize, qd: &[f32], pool: Pool, out: *mut f32) {
+        match pool {
+            // SAFETY: the caller's.
+            Pool::F32(kd, vd) => unsafe { self.run_f32(i, qd, kd, vd, out) },
+            Pool::F16(kd, vd) => WIDENED.with(|buf| {
+                let (kw, vw) = &mut *buf.borrow_mut();
+                let (d, width) = (self.d, self.width);
+                let segs = self.segs(i);
+                let total: usize = segs.iter().map(|s| s.len).sum();
+                kw.resize(total * d, 0.0);
+                vw.resize(total * d, 0.0);
+                let mut at = 0;
+                for seg in &segs {
+                    for j in 0..seg.len {
+                        kd[seg.k + j * width..][..d].convert_to_f32_slice(&mut kw[at..at + d]);
+                        vd[seg.v + j * width..][..d].convert_to_f32_slice(&mut vw[at..at + d]);
+                        at += d;
+                    }
+                }
+                let one = [Seg { k: 0, v: 0, len: total }];
+                // SAFETY: the caller's, with the keys and values of the task's segments in kw, vw, d apart.
+                unsafe { self.run_on(i, qd, &Kv { k: kw, k_rs: d, v: vw, v_rs: d, segs: &one }, out) }
+            }),
+        }
+    }
+
+    /// The runs of the pool that task `i`'s keys and values lie in, in order.
+    fn segs(&self, i: usize) -> Vec<Seg> {
+        let (si, g, i0, _, _) = self.tasks[i];
+        let (d, width, block_size, window) = (self.d, self.width, self.block_size, self.window);
         let s = &self.seqs[si];
         let rows = QBLOCK.min(s.rows - i0);
         let off = s.ctx - s.rows; // query i sits at position off + i
@@ -306,13 +359,33 @@ impl<'a> Paged<'a> {
             }
             j += len;
         }
+        segs
+    }
+
+    /// # Safety
+    /// As for `run`, with an f32 pool.
+    unsafe fn run_f32(&self, i: usize, qd: &[f32], kd: &[f32], vd: &[f32], out: *mut f32) {
+        let segs = self.segs(i);
+        // SAFETY: the caller's.
+        unsafe { self.run_on(i, qd, &Kv { k: kd, k_rs: self.width, v: vd, v_rs: self.width, segs: &segs }, out) }
+    }
+
+    /// # Safety
+    /// As for `run`, with the task's keys and values in `kv`.
+    unsafe fn run_on(&self, i: usize, qd: &[f32], kv: &Kv, out: *mut f32) {
+        let (si, g, i0, h0, heads) = self.tasks[i];
+        let (n, d, window) = (self.n, self.d, self.window);
+        let s = &self.seqs[si];
+        let rows = QBLOCK.min(s.rows - i0);
+        let off = s.ctx - s.rows;
+        let kend = off + i0 + rows;
+        let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
         let row = (g * self.rep + h0) * n + s.row0 + i0; // the task's first head's first query
         let span = Span { kend: kend - kstart, causal_first: Some(off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
-        let kv = Kv { k: kd, k_rs: width, v: vd, v_rs: width, segs: &segs };
         let rg = Rows { heads, rows, hs: n * d, rs: d, d };
         // SAFETY: task (sequence, group, i0, h0, heads) alone writes rows i0..i0+rows of that sequence in heads
         // g·rep+h0..g·rep+h0+heads, which lie inside `out` and `qd` (row0 + rows <= N was checked by `new`).
-        unsafe { block(&qd[row * d..], &rg, &kv, span, None, 0, self.scale, self.softcap, out.add(row * d)) };
+        unsafe { block(&qd[row * d..], &rg, kv, span, None, 0, self.scale, self.softcap, out.add(row * d)) };
     }
 }
 

@@ -34,10 +34,13 @@ use candle_core::{DType, Storage, Tensor};
 use super::Decoder;
 use crate::config::{Act, Residual};
 use crate::error::{Error, Result};
-use crate::kernels::attention::Paged;
+use crate::kernels::attention::{Paged, Pool};
 use crate::kernels::cpu::{self, SendPtr, SyncBuf};
 use crate::kernels::quant::{ActsBuf, ActsRef, Kind, QWeight};
+use crate::nn::paged::HostKv;
 use crate::nn::{KvPool, Linear, Norm, PagedStep};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Which path decode steps take (`Mode`); `CANDLEWICK_DECODE_STEP=general` turns the team path off, tests and
 /// benches compare the paths with `set_mode`.
@@ -304,13 +307,22 @@ impl Decoder {
         if let Some(&p) = positions.iter().find(|&&p| p as usize >= cfg.max_position_embeddings) {
             return Err(Error::arg(format!("position {p} is past the context of {} positions", cfg.max_position_embeddings)));
         }
-        let Some((pk, pv)) = pool.host_mut() else { return Ok(None) };
-        let pool_len = pk.first().map_or(0, |b| b.len());
-        if pk.len() != plan.layers.len() || slots.iter().any(|&s| (s as usize + 1) * width > pool_len) {
+        // the pool's arrays by layer, as addresses (f32 or f16 elements: `half`)
+        let (kptr, vptr, pool_len, half_kv): (Vec<SendPtr>, Vec<SendPtr>, usize, bool) = match pool.host_mut() {
+            Some(HostKv::F32(pk, pv)) => {
+                let len = pk.first().map_or(0, |b| b.len());
+                (pk.iter_mut().map(|b| SendPtr(b.as_mut_ptr())).collect(), pv.iter_mut().map(|b| SendPtr(b.as_mut_ptr())).collect(), len, false)
+            }
+            Some(HostKv::F16(pk, pv)) => {
+                let len = pk.first().map_or(0, |b| b.len());
+                let p = |b: &mut Vec<f16>| SendPtr(b.as_mut_ptr() as *mut f32);
+                (pk.iter_mut().map(p).collect(), pv.iter_mut().map(p).collect(), len, true)
+            }
+            None => return Ok(None),
+        };
+        if kptr.len() != plan.layers.len() || slots.iter().any(|&s| (s as usize + 1) * width > pool_len) {
             return Ok(None);
         }
-        let kptr: Vec<SendPtr> = pk.iter_mut().map(|b| SendPtr(b.as_mut_ptr())).collect();
-        let vptr: Vec<SendPtr> = pv.iter_mut().map(|b| SendPtr(b.as_mut_ptr())).collect();
         let mut jobs = Vec::with_capacity(plan.layers.len());
         for (i, blk) in self.layers.iter().enumerate() {
             let scale = cfg.attn_scale / if cfg.attn_scale_by_layer { (i + 1) as f64 } else { 1.0 };
@@ -450,8 +462,15 @@ impl Decoder {
                         // own new slot; the check above kept every slot inside the pool); the pool is read only in
                         // stage 4.
                         unsafe {
-                            std::ptr::copy_nonoverlapping(kbuf.as_ptr(), kptr[i].get().add(at), d);
-                            std::ptr::copy_nonoverlapping(src[v0..v0 + d].as_ptr(), vptr[i].get().add(at), d);
+                            if half_kv {
+                                // rounded to nearest (even), as KvPool::write rounds the general path's
+                                let (kp, vp) = (kptr[i].get() as *mut f16, vptr[i].get() as *mut f16);
+                                std::slice::from_raw_parts_mut(kp.add(at), d).convert_from_f32_slice(kbuf);
+                                std::slice::from_raw_parts_mut(vp.add(at), d).convert_from_f32_slice(&src[v0..v0 + d]);
+                            } else {
+                                std::ptr::copy_nonoverlapping(kbuf.as_ptr(), kptr[i].get().add(at), d);
+                                std::ptr::copy_nonoverlapping(src[v0..v0 + d].as_ptr(), vptr[i].get().add(at), d);
+                            }
                         }
                         for hh in g * rep..(g + 1) * rep {
                             // SAFETY: head hh of row r, one of KV head g's query heads: this task's alone; read
@@ -473,14 +492,20 @@ impl Decoder {
                 // 4: attention over the pool
                 // SAFETY: the pool and the queries were written in stage 3 (the stage before) and are not
                 // written here.
-                let (kd, vd, qd) = unsafe {
-                    (std::slice::from_raw_parts(kptr[i].get() as *const f32, pool_len), std::slice::from_raw_parts(vptr[i].get() as *const f32, pool_len), qh.get())
+                let (kv, qd) = unsafe {
+                    let (kp, vp) = (kptr[i].get(), vptr[i].get());
+                    let kv = if half_kv {
+                        Pool::F16(std::slice::from_raw_parts(kp as *const f16, pool_len), std::slice::from_raw_parts(vp as *const f16, pool_len))
+                    } else {
+                        Pool::F32(std::slice::from_raw_parts(kp as *const f32, pool_len), std::slice::from_raw_parts(vp as *const f32, pool_len))
+                    };
+                    (kv, qh.get())
                 };
                 ctx.stage(s0 + 3, jobs[i].parts(), 1, |pr| {
                     for t in pr.flat_map(|p| jobs[i].part(p)) {
                         // SAFETY: Paged::new checked the shapes against the pool and the batch; task t writes its
                         // own rows of y, which no one reads before stage 5.
-                        unsafe { jobs[i].run(t, qd, kd, vd, y.ptr()) };
+                        unsafe { jobs[i].run(t, qd, kv, y.ptr()) };
                     }
                 });
                 // 5: heads side by side, rounded for the output projection

@@ -16,6 +16,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::{Error, Result};
 use crate::ops;
@@ -38,20 +40,25 @@ pub struct PrefixStats {
     pub evicted_blocks: u64,
 }
 
-/// Keys and values of every layer: f32 arrays in memory on the CPU (which the kernels read and write in place),
-/// tensors elsewhere.
+/// Keys and values of every layer: f32 or f16 arrays in memory on the CPU (which the kernels read and write in
+/// place), tensors elsewhere.
 enum Store {
     Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    HostF16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
     Device { k: Vec<Tensor>, v: Vec<Tensor> },
 }
 
 /// Every layer's keys and values [S, Hkv·D] in memory, to write in place: (keys, values) by layer.
-pub type HostKv<'a> = (&'a mut [Vec<f32>], &'a mut [Vec<f32>]);
+pub enum HostKv<'a> {
+    F32(&'a mut [Vec<f32>], &'a mut [Vec<f32>]),
+    F16(&'a mut [Vec<f16>], &'a mut [Vec<f16>]),
+}
 
 /// One layer's keys and values [S, Hkv·D], as `KvPool::layer` lends them.
 #[derive(Clone, Copy)]
 pub enum LayerKv<'a> {
     Host { k: &'a [f32], v: &'a [f32] },
+    HostF16 { k: &'a [f16], v: &'a [f16] },
     Device { k: &'a Tensor, v: &'a Tensor },
 }
 
@@ -87,6 +94,9 @@ impl KvPool {
             // zeroed by the allocator: pages no sequence reaches are never touched
             let zeros = || vec![0f32; slots * width];
             Store::Host { k: (0..layers).map(|_| zeros()).collect(), v: (0..layers).map(|_| zeros()).collect() }
+        } else if device.is_cpu() && dtype == DType::F16 {
+            let zeros = || vec![f16::ZERO; slots * width];
+            Store::HostF16 { k: (0..layers).map(|_| zeros()).collect(), v: (0..layers).map(|_| zeros()).collect() }
         } else {
             let zeros = || Tensor::zeros((slots, width), dtype, device);
             let k = (0..layers).map(|_| zeros()).collect::<candle_core::Result<Vec<_>>>()?;
@@ -137,6 +147,7 @@ impl KvPool {
     pub fn layer(&self, i: usize) -> LayerKv<'_> {
         match &self.store {
             Store::Host { k, v } => LayerKv::Host { k: &k[i], v: &v[i] },
+            Store::HostF16 { k, v } => LayerKv::HostF16 { k: &k[i], v: &v[i] },
             Store::Device { k, v } => LayerKv::Device { k: &k[i], v: &v[i] },
         }
     }
@@ -144,7 +155,8 @@ impl KvPool {
     /// Every layer's key and value arrays, to be written in place (None off the CPU).
     pub fn host_mut(&mut self) -> Option<HostKv<'_>> {
         match &mut self.store {
-            Store::Host { k, v } => Some((k, v)),
+            Store::Host { k, v } => Some(HostKv::F32(k, v)),
+            Store::HostF16 { k, v } => Some(HostKv::F16(k, v)),
             Store::Device { .. } => None,
         }
     }
@@ -248,6 +260,18 @@ impl KvPool {
                     pv[layer][at..at + w].copy_from_slice(&vr[r * w..(r + 1) * w]);
                 }
             }
+            Store::HostF16 { k: pk, v: pv } => {
+                let (kr, vr) = (k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                if kr.len() != slots.len() * w || vr.len() != slots.len() * w {
+                    return Err(Error::arg(format!("kv cache: {} rows of {w} for {} slots", kr.len() / w.max(1), slots.len())));
+                }
+                for (r, &slot) in slots.iter().enumerate() {
+                    let at = slot as usize * w;
+                    // rounded to nearest (even), as the decode team's writes round them
+                    pk[layer][at..at + w].convert_from_f32_slice(&kr[r * w..(r + 1) * w]);
+                    pv[layer][at..at + w].convert_from_f32_slice(&vr[r * w..(r + 1) * w]);
+                }
+            }
             Store::Device { k: pk, v: pv } => {
                 let (pk, pv) = (&pk[layer], &pv[layer]);
                 let mut r = 0;
@@ -270,6 +294,12 @@ impl KvPool {
         let bs = self.block_size;
         match &mut self.store {
             Store::Host { k, v } => {
+                let n = bs * self.width;
+                for buf in k.iter_mut().chain(v.iter_mut()) {
+                    buf.copy_within(src as usize * n..(src as usize + 1) * n, dst as usize * n);
+                }
+            }
+            Store::HostF16 { k, v } => {
                 let n = bs * self.width;
                 for buf in k.iter_mut().chain(v.iter_mut()) {
                     buf.copy_within(src as usize * n..(src as usize + 1) * n, dst as usize * n);
@@ -322,8 +352,14 @@ pub fn attention(
     window: Option<usize>,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    if let LayerKv::Host { k, v } = kv {
-        if let Some(y) = crate::kernels::attention::paged(q, k, v, seqs, block_size, hkv, scale, window, softcap)? {
+    use crate::kernels::attention::{paged, Pool};
+    let pool = match kv {
+        LayerKv::Host { k, v } => Some(Pool::F32(k, v)),
+        LayerKv::HostF16 { k, v } => Some(Pool::F16(k, v)),
+        LayerKv::Device { .. } => None,
+    };
+    if let Some(pool) = pool {
+        if let Some(y) = paged(q, pool, seqs, block_size, hkv, scale, window, softcap)? {
             return Ok(y);
         }
     }
@@ -350,6 +386,12 @@ pub fn attention_gathered(
         LayerKv::Host { k, v } => {
             let rows = k.len() / (hkv * d).max(1);
             host = (Tensor::from_slice(k, (rows, hkv * d), q.device())?, Tensor::from_slice(v, (rows, hkv * d), q.device())?);
+            (&host.0, &host.1)
+        }
+        LayerKv::HostF16 { k, v } => {
+            let rows = k.len() / (hkv * d).max(1);
+            let f32s = |p: &[f16]| -> Result<Tensor> { Ok(Tensor::from_slice(p, (rows, hkv * d), q.device())?.to_dtype(DType::F32)?) };
+            host = (f32s(k)?, f32s(v)?);
             (&host.0, &host.1)
         }
     };
@@ -403,16 +445,25 @@ mod tests {
 
     /// The CPU kernel and the gathered plain twin agree on ragged batches of blocks in scrambled order, with
     /// grouped-query heads, a window and soft-capping.
+    /// The same with an f16 pool: its values are the f32 ones rounded to nearest.
     #[test]
     fn kernel_matches_gathered() {
         let dev = Device::Cpu;
         let (h, hkv, d, bs) = (6, 2, 16, 4);
-        let mut pool = KvPool::new(1, 40, bs, hkv * d, DType::F32, &dev).unwrap();
-        let kv = Tensor::randn(0f32, 1.0, (40 * bs, hkv * d), &dev).unwrap();
-        pool.write(0, &(0..160).collect::<Vec<u32>>(), &kv, &(kv.clone() * 0.5).unwrap()).unwrap();
-        // blocks scrambled, and in pool order (consecutive blocks are read as one run)
-        for blocks in [(0..40).map(|i| (i * 7) % 40).collect::<Vec<u32>>(), (0..40).collect()] {
-            check_ragged(&pool, &blocks, h, hkv, d, bs);
+        for dtype in [DType::F32, DType::F16] {
+            let mut pool = KvPool::new(1, 40, bs, hkv * d, dtype, &dev).unwrap();
+            let kv = Tensor::randn(0f32, 1.0, (40 * bs, hkv * d), &dev).unwrap();
+            pool.write(0, &(0..160).collect::<Vec<u32>>(), &kv, &(kv.clone() * 0.5).unwrap()).unwrap();
+            if let LayerKv::HostF16 { k, .. } = pool.layer(0) {
+                let want: Vec<f32> = kv.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(k.iter().zip(&want).all(|(a, b)| *a == f16::from_f32(*b)), "f16 pool: values rounded to nearest");
+            } else {
+                assert_eq!(dtype, DType::F32, "an f16 pool on the CPU is held in memory");
+            }
+            // blocks scrambled, and in pool order (consecutive blocks are read as one run)
+            for blocks in [(0..40).map(|i| (i * 7) % 40).collect::<Vec<u32>>(), (0..40).collect()] {
+                check_ragged(&pool, &blocks, h, hkv, d, bs);
+            }
         }
     }
 
@@ -431,13 +482,14 @@ mod tests {
             let seqs: Vec<PagedSeq> = (0..nseq).map(|i| PagedSeq { row0: i, rows: 1, ctx: 30 + 7 * i, blocks: &blocks[10 * i..10 * i + 10] }).collect();
             let q: Vec<f32> = Tensor::randn(0f32, 1.0, (h * nseq * d,), &dev).unwrap().to_vec1().unwrap();
             let LayerKv::Host { k, v } = pool.layer(0) else { unreachable!("a CPU pool of f32") };
+            let kv = crate::kernels::attention::Pool::F32(k, v);
             let run = |job: &Paged| {
                 let mut out = vec![f32::NAN; h * nseq * d];
                 let mut seen = 0;
                 for p in 0..job.parts() {
                     for t in job.part(p) {
                         // SAFETY: q and out hold [H, N, D]; the pool is the job's; one thread.
-                        unsafe { job.run(t, &q, k, v, out.as_mut_ptr()) };
+                        unsafe { job.run(t, &q, kv, out.as_mut_ptr()) };
                         seen += 1;
                     }
                 }

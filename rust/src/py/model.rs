@@ -33,13 +33,14 @@ pub(crate) fn to_numpy<'py>(py: Python<'py>, t: &candle_core::Tensor) -> PyResul
 #[pymethods]
 impl PyModel {
     #[staticmethod]
-    #[pyo3(signature = (path, device = "cpu", dtype = None))]
-    fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (path, device = "cpu", dtype = None, kv_cache_dtype = "f32"))]
+    fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>, kv_cache_dtype: &str) -> PyResult<Self> {
         let dev = parse_device(device).py()?;
         // a quantized dtype ("q8_0", ...) quantizes the projections at load time; the rest stays float32
         let quant = dtype.and_then(crate::nn::linear::parse_qdtype);
         let dtype = if quant.is_some() { None } else { dtype.map(parse_dtype).transpose().py()? };
-        let inner = detach(py, "load", || Model::load(&path, &dev, dtype, quant)).py()?;
+        let mut inner = detach(py, "load", || Model::load(&path, &dev, dtype, quant)).py()?;
+        inner.set_kv_cache_dtype(kv_cache_dtype).py()?;
         Ok(Self { inner: std::sync::Arc::new(inner) })
     }
 
