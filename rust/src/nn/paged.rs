@@ -248,42 +248,38 @@ impl KvPool {
     /// consecutive slots are one copy each.
     pub fn write(&mut self, layer: usize, slots: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
         let w = self.width;
-        match &mut self.store {
-            Store::Host { k: pk, v: pv } => {
-                let (kr, vr) = (k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-                if kr.len() != slots.len() * w || vr.len() != slots.len() * w {
-                    return Err(Error::arg(format!("kv cache: {} rows of {w} for {} slots", kr.len() / w.max(1), slots.len())));
+        if let Store::Device { k: pk, v: pv } = &self.store {
+            let (pk, pv) = (&pk[layer], &pv[layer]);
+            let mut r = 0;
+            while r < slots.len() {
+                let mut e = r + 1;
+                while e < slots.len() && slots[e] == slots[e - 1] + 1 {
+                    e += 1;
                 }
-                for (r, &slot) in slots.iter().enumerate() {
-                    let at = slot as usize * w;
-                    pk[layer][at..at + w].copy_from_slice(&kr[r * w..(r + 1) * w]);
-                    pv[layer][at..at + w].copy_from_slice(&vr[r * w..(r + 1) * w]);
-                }
+                pk.slice_set(&k.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
+                pv.slice_set(&v.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
+                r = e;
             }
-            Store::HostF16 { k: pk, v: pv } => {
-                let (kr, vr) = (k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-                if kr.len() != slots.len() * w || vr.len() != slots.len() * w {
-                    return Err(Error::arg(format!("kv cache: {} rows of {w} for {} slots", kr.len() / w.max(1), slots.len())));
+            return Ok(());
+        }
+        let rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let (kr, vr) = (rows(k)?, rows(v)?);
+        if kr.len() != slots.len() * w || vr.len() != slots.len() * w {
+            return Err(Error::arg(format!("kv cache: {} rows of {w} for {} slots", kr.len() / w.max(1), slots.len())));
+        }
+        for (r, &slot) in slots.iter().enumerate() {
+            let (at, row) = (slot as usize * w, r * w..(r + 1) * w);
+            match &mut self.store {
+                Store::Host { k: pk, v: pv } => {
+                    pk[layer][at..at + w].copy_from_slice(&kr[row.clone()]);
+                    pv[layer][at..at + w].copy_from_slice(&vr[row]);
                 }
-                for (r, &slot) in slots.iter().enumerate() {
-                    let at = slot as usize * w;
+                Store::HostF16 { k: pk, v: pv } => {
                     // rounded to nearest (even), as the decode team's writes round them
-                    pk[layer][at..at + w].convert_from_f32_slice(&kr[r * w..(r + 1) * w]);
-                    pv[layer][at..at + w].convert_from_f32_slice(&vr[r * w..(r + 1) * w]);
+                    pk[layer][at..at + w].convert_from_f32_slice(&kr[row.clone()]);
+                    pv[layer][at..at + w].convert_from_f32_slice(&vr[row]);
                 }
-            }
-            Store::Device { k: pk, v: pv } => {
-                let (pk, pv) = (&pk[layer], &pv[layer]);
-                let mut r = 0;
-                while r < slots.len() {
-                    let mut e = r + 1;
-                    while e < slots.len() && slots[e] == slots[e - 1] + 1 {
-                        e += 1;
-                    }
-                    pk.slice_set(&k.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
-                    pv.slice_set(&v.narrow(0, r, e - r)?.contiguous()?, 0, slots[r] as usize)?;
-                    r = e;
-                }
+                Store::Device { .. } => unreachable!("written above"),
             }
         }
         Ok(())
@@ -293,18 +289,8 @@ impl KvPool {
     pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         let bs = self.block_size;
         match &mut self.store {
-            Store::Host { k, v } => {
-                let n = bs * self.width;
-                for buf in k.iter_mut().chain(v.iter_mut()) {
-                    buf.copy_within(src as usize * n..(src as usize + 1) * n, dst as usize * n);
-                }
-            }
-            Store::HostF16 { k, v } => {
-                let n = bs * self.width;
-                for buf in k.iter_mut().chain(v.iter_mut()) {
-                    buf.copy_within(src as usize * n..(src as usize + 1) * n, dst as usize * n);
-                }
-            }
+            Store::Host { k, v } => copy_host_block(k.iter_mut().chain(v.iter_mut()), bs * self.width, src, dst),
+            Store::HostF16 { k, v } => copy_host_block(k.iter_mut().chain(v.iter_mut()), bs * self.width, src, dst),
             Store::Device { k, v } => {
                 for (pk, pv) in k.iter().zip(v.iter()) {
                     pk.slice_set(&pk.narrow(0, src as usize * bs, bs)?.copy()?, 0, dst as usize * bs)?;
@@ -313,6 +299,13 @@ impl KvPool {
             }
         }
         Ok(())
+    }
+}
+
+/// Block `src` of every array into block `dst` (blocks of `n` values).
+fn copy_host_block<'a, T: Copy + 'a>(bufs: impl Iterator<Item = &'a mut Vec<T>>, n: usize, src: u32, dst: u32) {
+    for buf in bufs {
+        buf.copy_within(src as usize * n..(src as usize + 1) * n, dst as usize * n);
     }
 }
 
