@@ -157,6 +157,14 @@ def test_bench_prints_a_markdown_table():
     assert "skipping pp1000" in p.stderr
 
 
+def test_bench_decodes_through_the_f16_cache_when_asked():
+    p = run("bench", DATA / "llama-tiny", "-p", "16", "-n", 8, "--tg-prompt", 8, "-r", 1, "--threads", 1,
+            "--kv-cache-dtype", "f16")
+    rows = [[c.strip() for c in line.split("|")] for line in p.stdout.splitlines() if line.startswith("| llama-tiny")]
+    assert [(r[2], r[5]) for r in rows] == [("float32, KV f16", "pp16"), ("float32, KV f16", "tg8")]
+    assert all(float(r[6].split("±")[0]) > 0 for r in rows)
+
+
 # -- check --------------------------------------------------------------------------------------------------------
 
 def _table(stdout: str) -> dict[str, float]:
