@@ -64,3 +64,17 @@ def test_next_token_agrees_with_llama_cpp(i):
 def test_unknown_dtype_is_refused_by_name():
     with pytest.raises(InvalidArgument, match="bf16"):
         cw.load(DATA / "llama-tiny", kv_cache_dtype="bf16")
+
+
+def test_kv_cache_size_counts_f16_positions():
+    """`--kv-cache 1MiB` buys twice the positions in f16: llama-tiny's position is 2 layers × 2 KV heads × 16 × 2
+    (keys and values) values."""
+    from candlewick.cli import _kv_tokens
+
+    f32 = cw.load(DATA / "llama-tiny")
+    f16 = cw.load(DATA / "llama-tiny", kv_cache_dtype="f16")
+    assert (f32.config["kv_cache_dtype"], f16.config["kv_cache_dtype"]) == ("float32", "float16")
+    c = f32.config
+    per = c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2
+    assert _kv_tokens("1MiB", f32) == 2**20 // (4 * per)
+    assert _kv_tokens("1MiB", f16) == 2**20 // (2 * per)

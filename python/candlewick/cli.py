@@ -345,7 +345,7 @@ def _kv_tokens(spec: str | None, model) -> int | None:
     if size is None:
         raise InvalidArgument(f"--kv-cache {spec!r}: give a number of positions (32768) or a size (2GiB, 512MB)")
     c = model.config
-    per = c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2 * (4 if c["device"] == "cpu" or c["dtype"] == "float32" else 2)
+    per = c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2 * (4 if c["kv_cache_dtype"] == "float32" else 2)
     return max(int(size // per), 0)
 
 

@@ -62,6 +62,7 @@ impl PyModel {
         d.set_item("rope_theta", c.rope_theta)?;
         d.set_item("tie_word_embeddings", c.tie_word_embeddings)?;
         d.set_item("dtype", dtype_name(self.inner.dtype))?;
+        d.set_item("kv_cache_dtype", dtype_name(self.inner.kv_width().1))?;
         d.set_item("device", format!("{:?}", self.inner.device).to_lowercase())?;
         Ok(d)
     }
