@@ -143,8 +143,8 @@ pub fn attention(
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
-/// Causal attention of a flattened (ragged) batch over a paged KV pool, f32 on CPU (an f32 or f16 pool): q [1, H, N, D], pools
-/// [S, Hkv·D] (slot = block · block_size + offset) -> [1, H, N, D]; None where this kernel does not apply. Each
+/// Causal attention of a flattened (ragged) batch over a paged KV pool (f32 or f16), f32 on CPU: q [1, H, N, D],
+/// pools [S, Hkv·D] (slot = block · block_size + offset) -> [1, H, N, D]; None where this kernel does not apply. Each
 /// (sequence, KV head, block of 64 queries) is a task over the key runs of its blocks, as `attention` does for one
 /// contiguous run.
 #[allow(clippy::too_many_arguments)]
@@ -191,7 +191,8 @@ pub fn paged(
 
 /// The tasks of one paged attention: per (sequence, KV head, block of 64 queries), each writing its rows of the
 /// output [H, N, D] from queries laid out alike and a pool's keys and values [S, Hkv·D]. The tasks of one job are
-/// independent, so any thread may run any of them (the decode team claims them one by one).
+/// independent, so any thread may run any of them (the decode team claims them one by one, or in the runs of
+/// `split_heads`).
 pub struct Paged<'a> {
     /// (sequence, KV head, first query, first head of the group, heads)
     tasks: Vec<(usize, usize, usize, usize, usize)>,
@@ -336,15 +337,24 @@ impl<'a> Paged<'a> {
         }
     }
 
-    /// The runs of the pool that task `i`'s keys and values lie in, in order.
-    fn segs(&self, i: usize) -> Vec<Seg> {
-        let (si, g, i0, _, _) = self.tasks[i];
-        let (d, width, block_size, window) = (self.d, self.width, self.block_size, self.window);
+    /// Task `i`'s query rows, the position of its sequence's first query, and the positions kstart..kend of the
+    /// keys it sees.
+    fn keys(&self, i: usize) -> (usize, usize, usize, usize) {
+        let (si, _, i0, _, _) = self.tasks[i];
         let s = &self.seqs[si];
         let rows = QBLOCK.min(s.rows - i0);
         let off = s.ctx - s.rows; // query i sits at position off + i
         let kend = off + i0 + rows;
-        let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
+        let kstart = self.window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
+        (rows, off, kstart, kend)
+    }
+
+    /// The runs of the pool that task `i`'s keys and values lie in, in order.
+    fn segs(&self, i: usize) -> Vec<Seg> {
+        let (si, g, _, _, _) = self.tasks[i];
+        let (d, width, block_size) = (self.d, self.width, self.block_size);
+        let s = &self.seqs[si];
+        let (_, _, kstart, kend) = self.keys(i);
         let mut segs: Vec<Seg> = Vec::with_capacity((kend - kstart).div_ceil(block_size) + 1);
         let mut j = kstart;
         while j < kend {
@@ -376,10 +386,7 @@ impl<'a> Paged<'a> {
         let (si, g, i0, h0, heads) = self.tasks[i];
         let (n, d, window) = (self.n, self.d, self.window);
         let s = &self.seqs[si];
-        let rows = QBLOCK.min(s.rows - i0);
-        let off = s.ctx - s.rows;
-        let kend = off + i0 + rows;
-        let kstart = window.map_or(0, |w| (off + i0 + 1).saturating_sub(w)).min(kend);
+        let (rows, off, kstart, kend) = self.keys(i);
         let row = (g * self.rep + h0) * n + s.row0 + i0; // the task's first head's first query
         let span = Span { kend: kend - kstart, causal_first: Some(off + i0 - kstart), window_first: window.map(|w| (off + i0 + 1 - kstart, w)) };
         let rg = Rows { heads, rows, hs: n * d, rs: d, d };

@@ -20,6 +20,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::error::{Error, Result};
+use crate::kernels::attention::Pool;
 use crate::ops;
 
 /// No parent: the first block of a sequence.
@@ -57,8 +58,8 @@ pub enum HostKv<'a> {
 /// One layer's keys and values [S, Hkv·D], as `KvPool::layer` lends them.
 #[derive(Clone, Copy)]
 pub enum LayerKv<'a> {
-    Host { k: &'a [f32], v: &'a [f32] },
-    HostF16 { k: &'a [f16], v: &'a [f16] },
+    /// arrays in memory, as the CPU kernel reads them
+    Host(Pool<'a>),
     Device { k: &'a Tensor, v: &'a Tensor },
 }
 
@@ -146,8 +147,8 @@ impl KvPool {
 
     pub fn layer(&self, i: usize) -> LayerKv<'_> {
         match &self.store {
-            Store::Host { k, v } => LayerKv::Host { k: &k[i], v: &v[i] },
-            Store::HostF16 { k, v } => LayerKv::HostF16 { k: &k[i], v: &v[i] },
+            Store::Host { k, v } => LayerKv::Host(Pool::F32(&k[i], &v[i])),
+            Store::HostF16 { k, v } => LayerKv::Host(Pool::F16(&k[i], &v[i])),
             Store::Device { k, v } => LayerKv::Device { k: &k[i], v: &v[i] },
         }
     }
@@ -345,14 +346,8 @@ pub fn attention(
     window: Option<usize>,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    use crate::kernels::attention::{paged, Pool};
-    let pool = match kv {
-        LayerKv::Host { k, v } => Some(Pool::F32(k, v)),
-        LayerKv::HostF16 { k, v } => Some(Pool::F16(k, v)),
-        LayerKv::Device { .. } => None,
-    };
-    if let Some(pool) = pool {
-        if let Some(y) = paged(q, pool, seqs, block_size, hkv, scale, window, softcap)? {
+    if let LayerKv::Host(pool) = kv {
+        if let Some(y) = crate::kernels::attention::paged(q, pool, seqs, block_size, hkv, scale, window, softcap)? {
             return Ok(y);
         }
     }
@@ -376,12 +371,12 @@ pub fn attention_gathered(
     let host;
     let (k, v) = match kv {
         LayerKv::Device { k, v } => (k, v),
-        LayerKv::Host { k, v } => {
+        LayerKv::Host(Pool::F32(k, v)) => {
             let rows = k.len() / (hkv * d).max(1);
             host = (Tensor::from_slice(k, (rows, hkv * d), q.device())?, Tensor::from_slice(v, (rows, hkv * d), q.device())?);
             (&host.0, &host.1)
         }
-        LayerKv::HostF16 { k, v } => {
+        LayerKv::Host(Pool::F16(k, v)) => {
             let rows = k.len() / (hkv * d).max(1);
             let f32s = |p: &[f16]| -> Result<Tensor> { Ok(Tensor::from_slice(p, (rows, hkv * d), q.device())?.to_dtype(DType::F32)?) };
             host = (f32s(k)?, f32s(v)?);
@@ -447,7 +442,7 @@ mod tests {
             let mut pool = KvPool::new(1, 40, bs, hkv * d, dtype, &dev).unwrap();
             let kv = Tensor::randn(0f32, 1.0, (40 * bs, hkv * d), &dev).unwrap();
             pool.write(0, &(0..160).collect::<Vec<u32>>(), &kv, &(kv.clone() * 0.5).unwrap()).unwrap();
-            if let LayerKv::HostF16 { k, .. } = pool.layer(0) {
+            if let LayerKv::Host(Pool::F16(k, _)) = pool.layer(0) {
                 let want: Vec<f32> = kv.flatten_all().unwrap().to_vec1().unwrap();
                 assert!(k.iter().zip(&want).all(|(a, b)| *a == f16::from_f32(*b)), "f16 pool: values rounded to nearest");
             } else {
@@ -474,8 +469,8 @@ mod tests {
             let blocks: Vec<u32> = (0..40).map(|i| (i * 7) % 40).collect();
             let seqs: Vec<PagedSeq> = (0..nseq).map(|i| PagedSeq { row0: i, rows: 1, ctx: 30 + 7 * i, blocks: &blocks[10 * i..10 * i + 10] }).collect();
             let q: Vec<f32> = Tensor::randn(0f32, 1.0, (h * nseq * d,), &dev).unwrap().to_vec1().unwrap();
-            let LayerKv::Host { k, v } = pool.layer(0) else { unreachable!("a CPU pool of f32") };
-            let kv = crate::kernels::attention::Pool::F32(k, v);
+            let LayerKv::Host(kv) = pool.layer(0) else { unreachable!("a CPU pool") };
+            let Pool::F32(k, _) = kv else { unreachable!("a pool of f32") };
             let run = |job: &Paged| {
                 let mut out = vec![f32::NAN; h * nseq * d];
                 let mut seen = 0;
