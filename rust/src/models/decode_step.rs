@@ -53,7 +53,7 @@ static BACKOFF: AtomicU64 = AtomicU64::new(0);
 const BACKOFF_STEPS: u64 = 64;
 /// Whether each of the last 8 team steps was crowded (bit 0 the latest). The general path takes over once 3 of
 /// them were: a lone crowded step is a thread the hypervisor took away for a moment (on a 2-vCPU VM, about one
-/// step in 40 of a SmolLM2 decode with nothing else running, 0.3-5 ms each), which the general path would have
+/// step in 40 of a SmolLM2 decode with nothing else running, 1-6 ms each), which the general path would have
 /// waited for too, and backing off for each had 65% of a 512-token decode's steps on the general path.
 static CROWDED: AtomicU8 = AtomicU8::new(0);
 
