@@ -162,10 +162,10 @@ impl Model {
     }
 
     /// One step of a flattened batch over a paged KV pool: the logits [M][V] of its `out_rows` (see
-    /// Decoder::paged_logits).
-    pub fn paged_logits(&self, step: &crate::nn::PagedStep, pool: &mut crate::nn::KvPool) -> Result<Vec<Vec<f32>>> {
+    /// Decoder::paged_logits), written into `buf`'s memory (the last step's, from `Logits::into_buf`).
+    pub fn paged_logits(&self, step: &crate::nn::PagedStep, pool: &mut crate::nn::KvPool, buf: Vec<f32>) -> Result<crate::nn::Logits> {
         on_workers(|| match &self.net {
-            Net::Decoder(m) => m.paged_logits(step, pool),
+            Net::Decoder(m) => m.paged_logits(step, pool, buf),
             Net::Bert(_) => Err(Error::arg("this is an encoder model (BERT): use embed(), not logits or generation")),
         })
     }

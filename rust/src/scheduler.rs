@@ -325,6 +325,8 @@ pub struct Scheduler {
     /// in arrival order
     running: Vec<Seq>,
     counters: Counters,
+    /// the last step's logits memory, for the next (see nn::Logits)
+    logits_buf: Vec<f32>,
 }
 
 impl Scheduler {
@@ -343,7 +345,7 @@ impl Scheduler {
             adds: Mutex::new(vec![]),
             aborts: Mutex::new(vec![]),
         });
-        Ok(Self { tok: model.tokenizer.clone(), model, cfg, pool, handle, waiting: VecDeque::new(), running: vec![], counters: Counters::default() })
+        Ok(Self { tok: model.tokenizer.clone(), model, cfg, pool, handle, waiting: VecDeque::new(), running: vec![], counters: Counters::default(), logits_buf: vec![] })
     }
 
     pub fn handle(&self) -> Arc<Handle> {
@@ -578,7 +580,7 @@ impl Scheduler {
                 })
                 .collect();
             let step = crate::nn::PagedStep { ids: &ids, positions: &positions, slots: &slots, seqs: &seqs, out_rows: &out_rows };
-            self.model.paged_logits(&step, &mut self.pool)?
+            self.model.paged_logits(&step, &mut self.pool, std::mem::take(&mut self.logits_buf))?
         };
         self.counters.computed_tokens += total as u64;
         let mut forks = vec![];
@@ -599,7 +601,7 @@ impl Scheduler {
             }
             let mut d: Vec<Option<Result<Drawn>>> = (0..logits.len()).map(|_| None).collect();
             let results: Vec<(usize, Result<Drawn>)> =
-                jobs.into_par_iter().map(|(r, s)| (r, draw_token(s, &logits[r]))).collect();
+                jobs.into_par_iter().map(|(r, s)| (r, draw_token(s, logits.row(r)))).collect();
             for (r, t) in results {
                 d[r] = Some(t);
             }
@@ -612,7 +614,7 @@ impl Scheduler {
                 self.register_full_blocks(s);
                 if let Some(r) = logit_of[pi] {
                     if s.fork > 0 {
-                        forks.extend(self.fork(s, &logits[r], &mut out)?);
+                        forks.extend(self.fork(s, logits.row(r), &mut out)?);
                     }
                     let t = drawn[r].take().expect("every row of logits is drawn from");
                     if let Err(e) = t.and_then(|t| self.take_token(s, t)) {
@@ -624,6 +626,7 @@ impl Scheduler {
             Ok(())
         })();
         self.running = running;
+        self.logits_buf = logits.into_buf();
         sampled?;
         // finished sequences leave the batch and give their blocks back (full ones stay cached)
         let mut i = 0;

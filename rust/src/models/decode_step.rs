@@ -38,7 +38,7 @@ use crate::kernels::attention::{Paged, Pool};
 use crate::kernels::cpu::{self, SendPtr, SyncBuf};
 use crate::kernels::quant::{ActsBuf, ActsRef, Kind, QWeight};
 use crate::nn::paged::HostKv;
-use crate::nn::{KvPool, Linear, Norm, PagedStep};
+use crate::nn::{KvPool, Linear, Logits, Norm, PagedStep};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -242,7 +242,7 @@ impl Plan {
 /// What a step gives back: the logits of every row, or (where the output projection is not in blocks) the
 /// final hidden states for the general `lm_head`.
 pub enum StepOut {
-    Logits(Vec<Vec<f32>>),
+    Logits(Logits),
     Hidden(Tensor),
 }
 
@@ -277,8 +277,8 @@ fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 
 impl Decoder {
     /// The step through the team, when the plan, the pool and the batch allow: every sequence one row, all of
-    /// them wanted. None: take the general path.
-    pub(super) fn decode_step(&self, step: &PagedStep, pool: &mut KvPool) -> Result<Option<StepOut>> {
+    /// them wanted. None: take the general path. The logits go into `buf`'s memory.
+    pub(super) fn decode_step(&self, step: &PagedStep, pool: &mut KvPool, mut buf: Vec<f32>) -> Result<Option<StepOut>> {
         let Some(plan) = &self.step_plan else { return Ok(None) };
         let PagedStep { ids, positions, slots, seqs, out_rows } = *step;
         let n = ids.len();
@@ -353,7 +353,11 @@ impl Decoder {
         let y = SyncBuf::<f32>::new(h * n * d);
         let hb = SyncBuf::<f32>::new(n * 2 * f);
         let vocab = plan.lm_head.as_ref().map_or(0, |p| p.out);
-        let out = SyncBuf::<f32>::new(if plan.lm_head.is_some() { n * vocab } else { n * c });
+        // every element is written by the job (all lanes of every group of the output projection, or the whole
+        // final norm row): the memory of the last step is used as it is, not zeroed
+        let out_len = if plan.lm_head.is_some() { n * vocab } else { n * c };
+        buf.resize(out_len, 0.0);
+        let out = SyncBuf::from_vec(buf);
         let isa = cpu::isa();
         let rep = h / hkv;
         let eps = plan.eps;
@@ -562,7 +566,7 @@ impl Decoder {
         STEPS.fetch_add(1, Ordering::Relaxed);
         let out = out.into_vec();
         Ok(Some(match &plan.lm_head {
-            Some(head) => StepOut::Logits(out.chunks_exact(head.out).map(<[f32]>::to_vec).collect()),
+            Some(head) => StepOut::Logits(Logits::new(out, n, head.out)),
             None => StepOut::Hidden(Tensor::from_vec(out, (n, c), self.embed_tokens.device())?),
         }))
     }

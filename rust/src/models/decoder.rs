@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 pub mod step;
 
 use super::{last_rows, merge_heads, split_heads};
-use crate::nn::{embed, Cache, KvPool, Linear, Norm, PagedSeq, PagedStep, Table};
+use crate::nn::{embed, Cache, KvPool, Linear, Logits, Norm, PagedSeq, PagedStep, Table};
 use crate::config::{activation, Act, Config, Residual};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
@@ -485,17 +485,19 @@ impl Decoder {
     }
 
     /// `forward_paged` and the output projection: the logits of `out_rows`, through the team's decode step where
-    /// it applies (`step`), else the general path.
-    pub fn paged_logits(&self, step: &PagedStep, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
-        let hidden = match self.decode_step(step, pool)? {
+    /// it applies (`step`), else the general path. `buf`: memory for the logits (the team writes into it).
+    pub fn paged_logits(&self, step: &PagedStep, pool: &mut KvPool, buf: Vec<f32>) -> Result<Logits> {
+        let hidden = match self.decode_step(step, pool, buf)? {
             Some(step::StepOut::Logits(l)) => return Ok(l),
             Some(step::StepOut::Hidden(h)) => h,
             None => self.forward_paged(step, pool)?,
         };
         if step.out_rows.is_empty() {
-            return Ok(vec![]);
+            return Ok(Logits::default());
         }
-        Ok(self.lm_head(&hidden)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        let logits = self.lm_head(&hidden)?.to_dtype(DType::F32)?;
+        let (rows, vocab) = logits.dims2()?;
+        Ok(Logits::new(logits.flatten_all()?.to_vec1::<f32>()?, rows, vocab))
     }
 
     /// A flattened (ragged) batch of N tokens from many sequences: ids and positions [N], the keys and values of

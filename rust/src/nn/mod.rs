@@ -17,4 +17,4 @@ pub use embedding::{embed, positions, Table};
 pub use kv_cache::Cache;
 pub use linear::{compute_dtype, Linear};
 pub use norm::Norm;
-pub use paged::{KvPool, PagedSeq, PagedStep};
+pub use paged::{KvPool, Logits, PagedSeq, PagedStep};
