@@ -351,11 +351,7 @@ impl Logits {
 
     /// Rows (wanted positions) in the step.
     pub fn len(&self) -> usize {
-        if self.vocab == 0 {
-            0
-        } else {
-            self.data.len() / self.vocab
-        }
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

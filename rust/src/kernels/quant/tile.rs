@@ -116,12 +116,12 @@ unsafe fn quantize_avx512(kind: Kind, x: &[f32], q: &mut [i8], a: &mut [f32], c:
             let dx = if k_quant { d } else { f16::from_f32(d).to_f32() };
             for (j, (xb, qb)) in xs.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
                 let mut sums = [0i32; 2];
-                for h in 0..2 {
+                for (h, sum) in sums.iter_mut().enumerate() {
                     let p = _mm512_mul_ps(_mm512_loadu_ps(xb.as_ptr().add(16 * h)), id);
                     let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(p, p);
                     let qi = _mm512_maskz_mov_epi32(ordered, _mm512_cvtps_epi32(p));
                     _mm_storeu_si128(qb.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtsepi32_epi8(qi));
-                    sums[h] = _mm512_reduce_add_epi32(qi);
+                    *sum = _mm512_reduce_add_epi32(qi);
                 }
                 let b = i * span / 32 + j;
                 let sum = (sums[0] + sums[1]) as f32;
