@@ -53,8 +53,8 @@ def test_team_step_equals_general_step(name, dtype):
     team, general, taken = both_paths(model, PROMPTS)
     assert team == general
     if name in TEAM:
-        # every step after the prompts': 19 per solo run, 19 for the batch
-        assert taken >= 4 * 19
+        # every step, the prompts' included: 20 per solo run (a prompt step, 19 decoding), 20 for the batch
+        assert taken >= 4 * 20
     else:
         assert taken == 0
 
@@ -66,7 +66,7 @@ def test_mixed_formats_and_interleaved_rope(tmp_path):
                             qtypes={"attn_q": Q.Q4_0, "attn_k": Q.Q5_1, "attn_v": Q.Q8_0, "ffn_gate": Q.Q4_1,
                                     "ffn_up": Q.Q5_0, "ffn_down": Q.Q4_0, "attn_output": Q.Q5_1})
     team, general, taken = both_paths(cw.load(path), PROMPTS)
-    assert team == general and taken >= 4 * 19
+    assert team == general and taken >= 4 * 20
 
 
 def test_smollm2_team_step_equals_general_step():
@@ -76,4 +76,45 @@ def test_smollm2_team_step_equals_general_step():
     chats = [model.tokenizer.encode(model.tokenizer.apply_chat_template([{"role": "user", "content": q}]))
              for q in ("What is the capital of France?", "Write a haiku about rain.", "Count to five.")]
     team, general, taken = both_paths(model, chats)
-    assert team == general and taken >= 4 * 19
+    assert team == general and taken >= 4 * 20
+
+
+def engine_run(model, budget):
+    """12 requests through one engine: prompts cut into chunks of at most `budget` tokens, requests joining while
+    others decode (so steps mix prompt chunks, some ending a prompt and some not, with decoding rows), a shared
+    prefix found in the cache. Returns every choice's tokens and logprobs, and the engine's steps."""
+    engine = _native.Engine(model._native, kv_cache_tokens=4096, max_batch_tokens=budget)
+    system = list(range(3, 40))
+    reqs = [((system if i % 2 else []) + [5 + (7 * i + j) % 90 for j in range(3 + 5 * i)],
+             dict(max_new_tokens=6 + i % 5, seed=i, ignore_eos=True, temperature=0.0 if i % 3 == 0 else 1.0,
+                  logprobs=2, n=1 + (i % 4 == 1))) for i in range(12)]
+    got, ids, pending, steps = {}, {}, list(reqs), 0
+    while pending or engine.has_work():
+        if pending and steps % 2 == 0:   # one new request every other step
+            p, params = pending.pop(0)
+            rid, _ = engine.add(p, params)
+            ids[rid] = len(ids)
+        steps += 1
+        assert steps < 10_000
+        for rid, choice, text, toks, lps, finish, *_ in engine.step():
+            c = got.setdefault((ids[rid], choice), [[], []])
+            c[0] += toks
+            c[1] += lps
+    return got, engine.stats()["steps"]
+
+
+@pytest.mark.parametrize("budget", [7, 512])
+def test_prompt_chunks_mixed_with_decoding(budget):
+    """Steps that mix prompt chunks with decoding rows take the team's path too (every step of the engine), and
+    give what the general path gives, bit for bit."""
+    model = cw.load(DATA / "qwen2-tiny", dtype="q4_1")
+    before = _native._decode_steps()
+    was = _native._set_decode_step("team")
+    try:
+        team, steps = engine_run(model, budget)
+        assert _native._decode_steps() - before == steps
+        _native._set_decode_step("general")
+        general, _ = engine_run(model, budget)
+    finally:
+        _native._set_decode_step(was)
+    assert len(team) == 15 and team == general

@@ -1,6 +1,8 @@
-//! A decode step on a team of threads: every sequence of the batch adds one token, the whole step (every layer,
-//! the final norm and the output projection) runs as one job on all threads (`kernels::team`), the threads
-//! claiming parts of each stage and going on once all of its parts are done, on plain arrays.
+//! A step of the running batch on a team of threads: every sequence adds its rows (one token it decodes, or a
+//! chunk of its prompt), and the whole step (every layer, the final norm and the output projection of the rows
+//! whose next token is wanted) runs as one job on all threads (`kernels::team`), the threads claiming parts of
+//! each stage and going on once all of its parts are done, on plain arrays. Prompt chunks ride along with the
+//! decoding rows: a server's steps mix them, and the general path made every such step pay for its tensors.
 //!
 //! The general path (`Decoder::forward_paged`) runs the same step as a chain of tensor operations, each its own
 //! parallel region: a small quantized model's step at batch 1 is a few milliseconds, and a few hundred hand-offs
@@ -276,21 +278,34 @@ fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 }
 
 impl Decoder {
-    /// The step through the team, when the plan, the pool and the batch allow: every sequence one row, all of
-    /// them wanted. None: take the general path. The logits go into `buf`'s memory.
+    /// The step through the team, when the plan, the pool and the batch allow: each sequence's rows together and
+    /// in order, the wanted rows last rows of sequences. None: take the general path. The logits go into `buf`'s
+    /// memory.
     pub(super) fn decode_step(&self, step: &PagedStep, pool: &mut KvPool, mut buf: Vec<f32>) -> Result<Option<StepOut>> {
         let Some(plan) = &self.step_plan else { return Ok(None) };
         let PagedStep { ids, positions, slots, seqs, out_rows } = *step;
         let n = ids.len();
-        let decode_only = n > 0
-            && seqs.len() == n
-            && out_rows.len() == n
+        // every sequence's rows one after another in the batch, at the positions that end its context (a token
+        // it decodes, or a chunk of its prompt); the rows wanted are last rows of sequences, in order
+        let mut next_row = 0;
+        let laid_out = n > 0
             && positions.len() == n
             && slots.len() == n
-            && seqs.iter().enumerate().all(|(i, s)| s.rows == 1 && s.row0 == i && s.ctx >= 1 && s.ctx == positions[i] as usize + 1)
-            && out_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+            && seqs.iter().all(|s| {
+                let ok = s.rows >= 1
+                    && s.row0 == next_row
+                    && s.ctx >= s.rows
+                    && s.row0 + s.rows <= n
+                    && (0..s.rows).all(|j| positions[s.row0 + j] as usize + s.rows == s.ctx + j);
+                next_row += s.rows;
+                ok
+            })
+            && next_row == n
+            && out_rows.windows(2).all(|w| w[0] < w[1])
+            && out_rows.iter().all(|&r| seqs.iter().any(|s| s.row0 + s.rows == r as usize + 1));
+        let m = out_rows.len();
         let mode = MODE.load(Ordering::Relaxed);
-        if !decode_only || mode == Mode::General as u8 || !env_allows() {
+        if !laid_out || mode == Mode::General as u8 || !env_allows() {
             return Ok(None);
         }
         if mode == Mode::Auto as u8 && BACKOFF.load(Ordering::Relaxed) > 0 {
@@ -355,7 +370,7 @@ impl Decoder {
         let vocab = plan.lm_head.as_ref().map_or(0, |p| p.out);
         // every element is written by the job (all lanes of every group of the output projection, or the whole
         // final norm row): the memory of the last step is used as it is, not zeroed
-        let out_len = if plan.lm_head.is_some() { n * vocab } else { n * c };
+        let out_len = if plan.lm_head.is_some() { m * vocab } else { m * c };
         buf.resize(out_len, 0.0);
         let out = SyncBuf::from_vec(buf);
         let isa = cpu::isa();
@@ -380,7 +395,7 @@ impl Decoder {
             };
             // rows of `w` values through `prep`, rounded into the buffers `proj` reads
             // (a few rows are one thread's work: see Ctx::serial_stage)
-            let set_rows = |stage: usize, proj: &Proj, w: usize, row: &mut [f32], prep: &dyn Fn(usize, &mut [f32])| {
+            let set_rows = |stage: usize, proj: &Proj, n: usize, w: usize, row: &mut [f32], prep: &dyn Fn(usize, &mut [f32])| {
                 let part = |rr: std::ops::Range<usize>| {
                     for r in rr {
                         prep(r, &mut row[..w]);
@@ -401,7 +416,7 @@ impl Decoder {
                 }
             };
             // a projection's groups: each output (+ bias) stored, or added to `dst` (residual)
-            let matmul = |stage: usize, proj: &Proj, dst: &SyncBuf<f32>, dst_w: usize, residual: bool, tile: &mut [f32]| {
+            let matmul = |stage: usize, proj: &Proj, n: usize, dst: &SyncBuf<f32>, dst_w: usize, residual: bool, tile: &mut [f32]| {
                 let chunk = proj.groups.div_ceil(threads * 8).max(1);
                 ctx.stage(stage, proj.groups, chunk, |gr| {
                     for gg in gr {
@@ -414,7 +429,7 @@ impl Decoder {
                         // SAFETY: the rounded inputs were set in the stage before (done before this one starts); none is
                         // set in this stage.
                         let view: ActsRef = unsafe { acts[proj.acts[pi]].view() };
-                        w.group(isa, &view, n, g, tile);
+                        w.group(isa, &view, n, g, &mut tile[..n * 16]);
                         let lanes = 16.min(w.out() - g * 16);
                         let j0 = off + g * 16;
                         for r in 0..n {
@@ -436,9 +451,9 @@ impl Decoder {
             for (i, (layer, blk)) in plan.layers.iter().zip(&self.layers).enumerate() {
                 let s0 = i * STAGES_PER_LAYER;
                 // 1: attention norm
-                set_rows(s0, &layer.qkv, c, &mut row, &|r, o| rms_row(x_row(r), &layer.attn_norm, eps, o));
+                set_rows(s0, &layer.qkv, n, c, &mut row, &|r, o| rms_row(x_row(r), &layer.attn_norm, eps, o));
                 // 2: q, k, v
-                matmul(s0 + 1, &layer.qkv, &qkv, qkv_w, false, &mut tile);
+                matmul(s0 + 1, &layer.qkv, n, &qkv, qkv_w, false, &mut tile);
                 // 3: q/k norms and RoPE; keys and values into the pool
                 // SAFETY: qkv was written in stage 2 (the stage before) and is not written here.
                 let qkv_all = unsafe { qkv.get() };
@@ -513,7 +528,7 @@ impl Decoder {
                     }
                 });
                 // 5: heads side by side, rounded for the output projection
-                set_rows(s0 + 4, &layer.o, h * d, &mut row, &|r, o| {
+                set_rows(s0 + 4, &layer.o, n, h * d, &mut row, &|r, o| {
                     // SAFETY: y was written in stage 4 (the stage before) and is not written here.
                     let yd = unsafe { y.get() };
                     for hh in 0..h {
@@ -521,32 +536,35 @@ impl Decoder {
                     }
                 });
                 // 6: x += o(y)
-                matmul(s0 + 5, &layer.o, &x, c, true, &mut tile);
+                matmul(s0 + 5, &layer.o, n, &x, c, true, &mut tile);
                 // 7: MLP norm
-                set_rows(s0 + 6, &layer.mlp_in, c, &mut row, &|r, o| rms_row(x_row(r), &layer.ffn_norm, eps, o));
+                set_rows(s0 + 6, &layer.mlp_in, n, c, &mut row, &|r, o| rms_row(x_row(r), &layer.ffn_norm, eps, o));
                 // 8: [gate | up]
-                matmul(s0 + 7, &layer.mlp_in, &hb, 2 * f, false, &mut tile);
+                matmul(s0 + 7, &layer.mlp_in, n, &hb, 2 * f, false, &mut tile);
                 // 9: silu(gate)·up, rounded for the down projection
-                set_rows(s0 + 8, &layer.down, f, &mut gbuf, &|r, o| {
+                set_rows(s0 + 8, &layer.down, n, f, &mut gbuf, &|r, o| {
                     // SAFETY: [gate | up] was written in stage 8 (the stage before) and is not written here.
                     let hd = unsafe { hb.get() };
                     crate::kernels::act::silu_mul(&hd[r * 2 * f..(r + 1) * 2 * f], o, f)
                 });
                 // 10: x += down(h)
-                matmul(s0 + 9, &layer.down, &x, c, true, &mut tile);
+                matmul(s0 + 9, &layer.down, n, &x, c, true, &mut tile);
             }
             let s = plan.layers.len() * STAGES_PER_LAYER;
+            // the rows wanted: final norm, then the logits (row r of `out` is batch row out_rows[r])
+            let wanted = |r: usize| out_rows[r] as usize;
             match &plan.lm_head {
+                Some(_) if m == 0 => {}
                 Some(head) => {
-                    set_rows(s, head, c, &mut row, &|r, o| rms_row(x_row(r), &plan.final_norm, eps, o));
-                        matmul(s + 1, head, &out, vocab, false, &mut tile);
+                    set_rows(s, head, m, c, &mut row, &|r, o| rms_row(x_row(wanted(r)), &plan.final_norm, eps, o));
+                    matmul(s + 1, head, m, &out, vocab, false, &mut tile);
                 }
                 None => {
-                    ctx.serial_stage(s, n, |rr| {
+                    ctx.serial_stage(s, m, |rr| {
                         for r in rr {
                             // SAFETY: row r of `out`, written by the leader alone; read after the job.
                             let o = unsafe { out.part_mut(r * c, c) };
-                            rms_row(x_row(r), &plan.final_norm, eps, o);
+                            rms_row(x_row(wanted(r)), &plan.final_norm, eps, o);
                         }
                     });
                 }
@@ -566,8 +584,8 @@ impl Decoder {
         STEPS.fetch_add(1, Ordering::Relaxed);
         let out = out.into_vec();
         Ok(Some(match &plan.lm_head {
-            Some(head) => StepOut::Logits(Logits::new(out, n, head.out)),
-            None => StepOut::Hidden(Tensor::from_vec(out, (n, c), self.embed_tokens.device())?),
+            Some(head) => StepOut::Logits(Logits::new(out, m, head.out)),
+            None => StepOut::Hidden(Tensor::from_vec(out, (m, c), self.embed_tokens.device())?),
         }))
     }
 }
