@@ -103,12 +103,11 @@ unsafe fn quantize_avx512(kind: Kind, x: &[f32], q: &mut [i8], a: &mut [f32], c:
     // SAFETY: every load reads 16 floats inside x's span being rounded, every store 16 bytes inside q's (q is at
     // least as long as x, checked by the caller), and the target features are the caller's promise.
     unsafe {
-        let sign = _mm512_set1_ps(-0.0);
         for (i, (xs, qs)) in x.chunks(span).zip(q.chunks_mut(span)).enumerate() {
             let mut mx = _mm512_setzero_ps();
             for v in xs.chunks_exact(16) {
                 // max(|v|, m): where v is NaN this keeps m, as f32::max does
-                mx = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(v.as_ptr())), mx);
+                mx = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v.as_ptr())), mx);
             }
             let amax = _mm512_reduce_max_ps(mx).max(0.0);
             let d = amax / 127.0;
