@@ -191,104 +191,15 @@ fn prefetch(w: &QWeight, gi: usize) {
     }
 }
 
-/// AVX-512 VNNI: 16 rows per register; two accumulators per activation row (even and odd blocks).
+/// AVX-512 VNNI: 16 rows per register; two accumulators per activation row (even and odd blocks, added at the
+/// end), the same arithmetic in the same order for every tile size, so a row's numbers are the same bit for bit
+/// whatever tile it is in. The rows of a tile (1, 2, 4 or 8) are unrolled by hand so that every accumulator has a
+/// register of its own: left as a loop, the compiler kept them on the stack and each block's two multiply-adds
+/// per row went through memory.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &ActsRef, r0: usize, out: &mut [f32]) {
     // SAFETY: the caller (QWeight::matmul through tile_fn) has checked that the CPU has the Avx512 level, passes a group g < w.groups, activations of at least r0 + M rows made by quantize_acts for this weight's input size, and out of M·16 floats; the loads below read blocks of that group (w.qs, w.d, w.m sized groups·nb per block), 32 activation bytes per block of rows r0..r0+M, and the stores write out's M rows of 16.
-    unsafe {
-        use std::arch::x86_64::*;
-        let kind = Kind::from_id(K);
-        let (nb, gb, spb) = (w.nb, kind.group_block_bytes(), kind.scales_per_block());
-        let low = _mm512_set1_epi8(15);
-        let load_scales = |p: *const u8| {
-            if kind.f32_scales() {
-                _mm512_loadu_ps(p as *const f32)
-            } else {
-                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-            }
-        };
-        let mut f = [[_mm512_setzero_ps(); M]; 2];
-        macro_rules! block {
-            ($b:expr, $acc:expr) => {{
-                let b = $b;
-                let gi = g * nb + b;
-                let base = w.qs.as_ptr().add(gi * gb);
-                prefetch(w, gi);
-                let mut ws = [_mm512_setzero_si512(); 8];
-                if kind.nibbles() {
-                    for k in 0..4 {
-                        let l = _mm512_loadu_si512(base.add(k * 64) as *const _);
-                        ws[k] = _mm512_and_si512(l, low);
-                        ws[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), low);
-                    }
-                    for p in 0..kind.planes() {
-                        let bit = _mm512_set1_epi8(16 << p);
-                        for k in 0..8 {
-                            let plane = (base.add(256 + 64 * p + 8 * k) as *const u64).read_unaligned();
-                            ws[k] = _mm512_mask_add_epi8(ws[k], plane, ws[k], bit);
-                        }
-                    }
-                } else {
-                    for k in 0..8 {
-                        ws[k] = _mm512_loadu_si512(base.add(k * 64) as *const _);
-                    }
-                }
-                let dw = load_scales(w.d.ptr(gi * spb * ROWS));
-                for r in 0..M {
-                    let row = r0 + r;
-                    let xp = xs.q.as_ptr().add(row * w.inp + b * 32) as *const i32;
-                    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                    for k in 0..4 {
-                        s0 = _mm512_dpbusd_epi32(s0, ws[k], _mm512_set1_epi32(xp.add(k).read_unaligned()));
-                        s1 = _mm512_dpbusd_epi32(s1, ws[k + 4], _mm512_set1_epi32(xp.add(k + 4).read_unaligned()));
-                    }
-                    let a = _mm512_set1_ps(*xs.a.get_unchecked(row * nb + b));
-                    let c = xs.c.as_ptr().add(2 * (row * nb + b));
-                    if kind.halves() {
-                        let dw1 = load_scales(w.d.ptr((gi * spb + 1) * ROWS));
-                        let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), a, _mm512_set1_ps(*c));
-                        let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), a, _mm512_set1_ps(*c.add(1)));
-                        $acc[r] = _mm512_fmadd_ps(dw, lo, $acc[r]);
-                        $acc[r] = _mm512_fmadd_ps(dw1, hi, $acc[r]);
-                    } else {
-                        let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-                        if kind.has_min() {
-                            let mw = load_scales(w.m.ptr(gi * ROWS));
-                            $acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, a), isum, $acc[r]);
-                            $acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*c), $acc[r]);
-                        } else {
-                            $acc[r] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(isum, a, _mm512_set1_ps(*c)), $acc[r]);
-                        }
-                    }
-                }
-            }};
-        }
-        let [f0, f1] = &mut f;
-        let mut b = 0;
-        while b + 1 < nb {
-            block!(b, f0);
-            block!(b + 1, f1);
-            b += 2;
-        }
-        if b < nb {
-            block!(b, f0);
-        }
-        for r in 0..M {
-            _mm512_storeu_ps(out.as_mut_ptr().add(r * ROWS), _mm512_add_ps(f0[r], f1[r]));
-        }
-    }
-}
-
-/// AVX-512 VNNI for tiles of 2, 4 or 8 activation rows: `tile_vnni`'s arithmetic in the same order (even and odd
-/// blocks in two accumulators per row, added at the end), so a row's numbers are the same bit for bit whatever
-/// tile it is in. The rows are unrolled by hand so that every accumulator has a register of its own: left as a
-/// loop, the compiler kept them on the stack and each block's two multiply-adds per row went through memory
-/// (a batch of 64 decoding sequences spent a third of its step in that loop).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_vnni_rows<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &ActsRef, r0: usize, out: &mut [f32]) {
-    // SAFETY: as for tile_vnni (the same loads and stores; rows r < M only).
     unsafe {
         use std::arch::x86_64::*;
         let kind = Kind::from_id(K);
@@ -529,28 +440,9 @@ pub(super) fn tile_fn(isa: Isa, kind: Kind, t: usize) -> TileFn {
         };
     }
     debug_assert!(Kind::ALL.iter().enumerate().all(|(i, k)| Kind::from_id(i as u8) == *k));
-    macro_rules! vnni {
-        ($k:expr) => {
-            match t {
-                1 => tile_vnni::<$k, 1> as TileFn,
-                2 => tile_vnni_rows::<$k, 2> as TileFn,
-                4 => tile_vnni_rows::<$k, 4> as TileFn,
-                _ => tile_vnni_rows::<$k, 8> as TileFn,
-            }
-        };
-    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => match kind {
-            Kind::Q4_0 => vnni!(0),
-            Kind::Q4_1 => vnni!(1),
-            Kind::Q5_0 => vnni!(2),
-            Kind::Q5_1 => vnni!(3),
-            Kind::Q8_0 => vnni!(4),
-            Kind::Q4K => vnni!(5),
-            Kind::Q5K => vnni!(6),
-            Kind::Q6K => vnni!(7),
-        },
+        Isa::Avx512 => by_kind!(tile_vnni),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => by_kind!(tile_avx2),
         _ => match t {
