@@ -73,8 +73,10 @@ fn bench_decode(py: Python<'_>, model: PyRef<'_, PyModel>, prompt_len: usize, n_
 /// Seconds for `reps` matrix-vector products y = W·x with W [out, inp] in a GGUF block format ("Q4_1", "Q8_0",
 /// ...) or dense ("F32", "BF16", "F16"), by the kernels decode uses (every thread of the pool, as in decode); the
 /// weights are random. With a matrix the size of a model, this is the streaming rate decode can hope for.
+/// `rows` > 1: a product of that many activation rows (a batch of decoding sequences, or a prompt chunk).
 #[pyfunction]
-fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usize) -> PyResult<f64> {
+#[pyo3(signature = (format, out, inp, reps, rows = 1))]
+fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usize, rows: usize) -> PyResult<f64> {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{DType, Device};
     let dense = match format {
@@ -105,7 +107,7 @@ fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usiz
             _ => unreachable!("one of the two is set"),
         };
         drop(w);
-        let x = Tensor::randn(0f32, 1.0, (1, inp), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (rows.max(1), inp), &Device::Cpu)?;
         crate::device::on_workers(|| -> crate::Result<f64> {
             std::hint::black_box(lin.forward(&x)?);
             let t0 = Instant::now();

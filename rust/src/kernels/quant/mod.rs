@@ -20,7 +20,7 @@
 //! whose sub-block scale is a product). Per block and row, with qx the activations' bytes,
 //! dx their scale and s = dx·Σ qx:
 //!     offset formats:  d·(dx·Σ q·qx − offset·s)           min formats:  d·dx·Σ q·qx + m·s
-//! Many activation rows (prefill) go through the same kernel in tiles of up to 8 rows, so each group's weights
+//! Many activation rows (prefill) go through the same kernel in tiles of up to 6 rows, so each group's weights
 //! stay in L1 while every tile passes over them.
 
 mod format;
@@ -34,7 +34,7 @@ use crate::error::Result;
 use crate::kernels::cpu::{self, Isa};
 pub use format::Kind;
 pub use tile::ActsRef;
-use tile::{quantize_acts, quantize_into, tile_fn, TILE};
+use tile::{quantize_acts, quantize_into, tile_fn, TILE, TILES};
 
 /// Rows interleaved per group (one 512-bit register of i32 lanes).
 const ROWS: usize = 16;
@@ -115,7 +115,7 @@ impl QWeight {
         assert!(g < self.groups && out.len() == m * ROWS && acts.q.len() >= m * self.inp && acts.a.len() >= m * self.nb && acts.c.len() >= 2 * m * self.nb && cpu::available().contains(&isa));
         let mut r = 0;
         while r < m {
-            let t = [TILE, 4, 2, 1].into_iter().find(|&t| t <= m - r).unwrap();
+            let t = TILES.into_iter().find(|&t| t <= m - r).unwrap();
             // SAFETY: `isa` is one this CPU has (checked), and the slices have the kernel's sizes (checked).
             unsafe { tile_fn(isa, self.kind, t)(self, g, acts, r, &mut out[r * ROWS..(r + t) * ROWS]) };
             r += t;

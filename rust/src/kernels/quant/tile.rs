@@ -1,4 +1,4 @@
-//! The integer dot-product kernels: one group of 16 weight rows against a tile of up to 8 activation rows,
+//! The integer dot-product kernels: one group of 16 weight rows against a tile of up to 6 activation rows,
 //! for each instruction-set level, and the rounding of activations to 8 bits that they multiply.
 
 use half::f16;
@@ -9,7 +9,12 @@ use super::{QWeight, ROWS};
 use crate::kernels::cpu::Isa;
 
 /// Activation rows per kernel call, at most.
-pub(super) const TILE: usize = 8;
+pub(super) const TILE: usize = 6;
+/// Tile sizes `QWeight::group` cuts its rows into, largest first. Six rows keep the AVX-512 kernel's 12
+/// accumulators and 8 weight registers out of the stack: with eight its accumulators spilled, and one thread's
+/// Q4_1 product of 16-64 rows (576x1536 and 3072x576) ran at 109-129 GMAC/s against 115-142 with six, in the same
+/// runs (`_native.bench_matvec(..., rows=)`, best of 7).
+pub(super) const TILES: [usize; 4] = [TILE, 4, 2, 1];
 
 /// How far ahead of the block being multiplied the SIMD kernels prefetch weight bytes: 2 KiB (8 Q4_1 blocks of a
 /// group, 4 of Q8_0). On a 2-vCPU Xeon a 2-thread Q4_1 matvec over 18 MB streamed 18.4 GB/s without it and 24-26
@@ -193,7 +198,7 @@ fn prefetch(w: &QWeight, gi: usize) {
 
 /// AVX-512 VNNI: 16 rows per register; two accumulators per activation row (even and odd blocks, added at the
 /// end), the same arithmetic in the same order for every tile size, so a row's numbers are the same bit for bit
-/// whatever tile it is in. The rows of a tile (1, 2, 4 or 8) are unrolled by hand so that every accumulator has a
+/// whatever tile it is in. The rows of a tile (1, 2, 4 or 6) are unrolled by hand so that every accumulator has a
 /// register of its own: left as a loop, the compiler kept them on the stack and each block's two multiply-adds
 /// per row went through memory.
 #[cfg(target_arch = "x86_64")]
@@ -413,7 +418,7 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
     }
 }
 
-/// The kernel for an instruction set, a block format and a tile of `t` (1, 2, 4 or 8) activation rows.
+/// The kernel for an instruction set, a block format and a tile of `t` (1, 2, 4 or TILE) activation rows.
 pub(super) fn tile_fn(isa: Isa, kind: Kind, t: usize) -> TileFn {
     macro_rules! by_rows {
         ($f:ident, $k:expr) => {
@@ -421,7 +426,7 @@ pub(super) fn tile_fn(isa: Isa, kind: Kind, t: usize) -> TileFn {
                 1 => $f::<$k, 1> as TileFn,
                 2 => $f::<$k, 2> as TileFn,
                 4 => $f::<$k, 4> as TileFn,
-                _ => $f::<$k, 8> as TileFn,
+                _ => $f::<$k, TILE> as TileFn,
             }
         };
     }
@@ -449,7 +454,7 @@ pub(super) fn tile_fn(isa: Isa, kind: Kind, t: usize) -> TileFn {
             1 => tile_scalar::<1> as TileFn,
             2 => tile_scalar::<2> as TileFn,
             4 => tile_scalar::<4> as TileFn,
-            _ => tile_scalar::<8> as TileFn,
+            _ => tile_scalar::<TILE> as TileFn,
         },
     }
 }
