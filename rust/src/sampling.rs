@@ -113,7 +113,8 @@ pub fn softmax(x: &[f64]) -> Vec<f64> {
     e.into_iter().map(|v| v / z).collect()
 }
 
-fn argmax(x: &[f64]) -> usize {
+/// The first index of the largest value (comparisons with NaN are false: a NaN is kept only at index 0).
+fn argmax<T: PartialOrd + Copy>(x: &[T]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {
@@ -248,13 +249,7 @@ pub fn next_token(logits: &[f32], hist: &History, p: &LogitsParams, rng: &mut Rn
     if p.is_greedy() && untouched {
         // the argmax of the logits themselves: widening to f64 keeps their order, and nothing else changes them
         // (no copy of the vocabulary per sequence and step: at 64 greedy sequences those were 50 MB a step)
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
+        return argmax(logits) as u32;
     }
     let x = process_logits(logits, hist, p);
     if p.is_greedy() {

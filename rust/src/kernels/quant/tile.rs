@@ -459,7 +459,6 @@ pub(super) fn tile_fn(isa: Isa, kind: Kind, t: usize) -> TileFn {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
