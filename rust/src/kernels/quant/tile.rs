@@ -218,6 +218,7 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
             }
         };
         let zero = _mm512_setzero_ps();
+        // eight slots whatever M is: `row!` names slots 0..8 by literal, and those at or past M are compiled out
         let (mut f0, mut f1) = ([zero; 8], [zero; 8]);
         // one block of the group against every row of the tile, added into `acc` (f0 for even blocks, f1 for odd)
         macro_rules! block {
