@@ -10,7 +10,7 @@ own quantizer (`llama-quantize --allow-requantize`, found beside llama-bench), s
 Per file:
   tg64, tg512   tokens per second generating 64 / 512 tokens greedily after a 128-token prompt (the prompt not
                 timed): candlewick through `Model.generate` (a run of N+1 tokens less a run of 1), with decode steps
-                on the thread team (the default, "auto") and on the general path (`_set_decode_step("general")`), alternating;
+                on the thread team (the default, "team") and on the general path (`_set_decode_step("general")`), alternating;
                 llama.cpp's llama-bench `-n 64,512 -d 128` on the same file, same thread count;
   pp512         prompt tokens per second for a 512-token prompt (candlewick: `generate(..., max_new_tokens=1)`;
                 llama-bench `-p 512`);
@@ -94,7 +94,7 @@ def cw_decode(model, prompt: list[int], n: int, team: bool) -> float:
     """Tokens per second generating n tokens after `prompt` (a run of n+1 less a run of 1)."""
     from candlewick import _native
 
-    was = _native._set_decode_step("auto" if team else "general")
+    was = _native._set_decode_step("team" if team else "general")
     try:
         t = time.perf_counter()
         model.generate(prompt, max_new_tokens=1, temperature=0, ignore_eos=True)

@@ -17,7 +17,7 @@
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -32,7 +32,6 @@ pub struct Ctx<'a> {
     claimed: &'a [AtomicUsize],
     done: &'a [AtomicUsize],
     poisoned: &'a AtomicBool,
-    parked_ns: &'a AtomicU64,
 }
 
 impl Ctx<'_> {
@@ -65,7 +64,6 @@ impl Ctx<'_> {
             }
         }
         let mut spins = 0u32;
-        let mut parked: Option<std::time::Instant> = None;
         while done.load(Ordering::Acquire) < total {
             if self.poisoned.load(Ordering::Relaxed) {
                 panic!("another copy of the team job failed");
@@ -76,43 +74,22 @@ impl Ctx<'_> {
             } else {
                 // the thread with the last part is not running (more threads than free cores): give it this
                 // core rather than spin on
-                parked.get_or_insert_with(std::time::Instant::now);
                 std::thread::park_timeout(std::time::Duration::from_micros(20));
             }
         }
-        if let Some(t) = parked {
-            self.parked_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        }
-    }
-}
-
-/// How a team job went: its time, and the time its copies spent parked waiting for a part held by a thread the
-/// system had taken off its core (a sign of more busy threads than cores).
-#[derive(Debug, Clone, Copy)]
-pub struct Stats {
-    pub wall_ns: u64,
-    pub parked_ns: u64,
-}
-
-impl Stats {
-    /// The copies waited for descheduled threads for more than an eighth of the job's time.
-    pub fn crowded(&self) -> bool {
-        self.parked_ns > self.wall_ns / 8
     }
 }
 
 /// Run `job` on every thread of the pool at once (a copy each), with `stages` stages for `Ctx::stage`; returns
 /// when all copies are done. A panic in the job is an error naming `what`.
-pub fn run(what: &str, stages: usize, job: &(dyn Fn(&Ctx) + Sync)) -> Result<Stats> {
+pub fn run(what: &str, stages: usize, job: &(dyn Fn(&Ctx) + Sync)) -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let t0 = std::time::Instant::now();
     let n = rayon::current_num_threads().max(1);
     let claimed: Vec<AtomicUsize> = (0..stages).map(|_| AtomicUsize::new(0)).collect();
     let done: Vec<AtomicUsize> = (0..stages).map(|_| AtomicUsize::new(0)).collect();
     let poisoned = AtomicBool::new(false);
-    let parked_ns = AtomicU64::new(0);
     let copy = |leader: bool| {
-        let ctx = Ctx { n, leader, claimed: &claimed, done: &done, poisoned: &poisoned, parked_ns: &parked_ns };
+        let ctx = Ctx { n, leader, claimed: &claimed, done: &done, poisoned: &poisoned };
         if catch_unwind(AssertUnwindSafe(|| job(&ctx))).is_err() {
             poisoned.store(true, Ordering::Relaxed);
         }
@@ -126,7 +103,7 @@ pub fn run(what: &str, stages: usize, job: &(dyn Fn(&Ctx) + Sync)) -> Result<Sta
     if poisoned.load(Ordering::Relaxed) {
         return Err(Error::Internal(format!("{what}: a thread of the decode team panicked")));
     }
-    Ok(Stats { wall_ns: t0.elapsed().as_nanos() as u64, parked_ns: parked_ns.into_inner() })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -46,28 +46,19 @@ use half::slice::HalfFloatSliceExt;
 
 /// Which path decode steps take (`Mode`); `CANDLEWICK_DECODE_STEP=general` turns the team path off, tests and
 /// benches compare the paths with `set_mode`.
-static MODE: AtomicU8 = AtomicU8::new(Mode::Auto as u8);
+static MODE: AtomicU8 = AtomicU8::new(Mode::Team as u8);
 static STEPS: AtomicU64 = AtomicU64::new(0);
-/// Steps left to take the general path after crowded team steps (see `kernels::team::Stats::crowded`): with
-/// more busy threads than cores, a team waits for whichever of its threads the system has descheduled, where
-/// the general path's parallel loops carry on without it. The team is tried again after them.
-static BACKOFF: AtomicU64 = AtomicU64::new(0);
-const BACKOFF_STEPS: u64 = 64;
-/// Whether each of the last 8 team steps was crowded (bit 0 the latest). The general path takes over once 3 of
-/// them were: a lone crowded step is a thread the hypervisor took away for a moment (on a 2-vCPU VM, about one
-/// step in 40 of a SmolLM2 decode with nothing else running, 1-6 ms each), which the general path would have
-/// waited for too, and backing off for each had 65% of a 512-token decode's steps on the general path.
-static CROWDED: AtomicU8 = AtomicU8::new(0);
 
+/// Which path decode steps take. There is no fallback to the general path on a crowded machine: with busy
+/// processes beside the engine (one or two CPU hogs on a 2-vCPU VM, a server's own clients and event loop) or
+/// twice as many threads as cores, the team still ran as fast as the general path or faster (docs/decisions.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Mode {
     /// every step the general path
     General = 0,
-    /// the team where it applies, the general path for a while after crowded steps (the default)
-    Auto = 1,
-    /// the team wherever it applies (tests)
-    Team = 2,
+    /// the team wherever it applies (the default)
+    Team = 1,
 }
 
 fn env_allows() -> bool {
@@ -75,13 +66,10 @@ fn env_allows() -> bool {
     *ENV.get_or_init(|| std::env::var("CANDLEWICK_DECODE_STEP").map(|v| v != "general").unwrap_or(true))
 }
 
-/// Set the path decode steps take; returns the one before. Ends a back-off.
+/// Set the path decode steps take; returns the one before.
 pub fn set_mode(mode: Mode) -> Mode {
-    BACKOFF.store(0, Ordering::Relaxed);
-    CROWDED.store(0, Ordering::Relaxed);
     match MODE.swap(mode as u8, Ordering::SeqCst) {
         0 => Mode::General,
-        1 => Mode::Auto,
         _ => Mode::Team,
     }
 }
@@ -336,10 +324,6 @@ impl Decoder {
         let m = out_rows.len();
         let mode = MODE.load(Ordering::Relaxed);
         if !laid_out || mode == Mode::General as u8 || !env_allows() {
-            return Ok(None);
-        }
-        if mode == Mode::Auto as u8 && BACKOFF.load(Ordering::Relaxed) > 0 {
-            BACKOFF.fetch_sub(1, Ordering::Relaxed);
             return Ok(None);
         }
         let cfg = &self.cfg;
@@ -603,15 +587,7 @@ impl Decoder {
                 }
             }
         };
-        let stats = crate::kernels::team::run("decode step", n_stages, &job)?;
-        if mode == Mode::Auto as u8 {
-            let seen = (CROWDED.load(Ordering::Relaxed) << 1) | stats.crowded() as u8;
-            let back_off = seen.count_ones() >= 3;
-            CROWDED.store(if back_off { 0 } else { seen }, Ordering::Relaxed);
-            if back_off {
-                BACKOFF.store(BACKOFF_STEPS, Ordering::Relaxed);
-            }
-        }
+        crate::kernels::team::run("decode step", n_stages, &job)?;
         drop(tables);
         drop(guards);
         STEPS.fetch_add(1, Ordering::Relaxed);

@@ -120,20 +120,17 @@ fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usiz
     .py()
 }
 
-/// Which path decode steps take: "auto" (the default: the thread team where the model allows, the general path
-/// for a while after steps that waited on descheduled threads), "team" (always where it applies) or "general";
-/// returns the mode before. For tests and benches that compare the paths in one process.
+/// Which path decode steps take: "team" (the default: the thread team wherever the model and the step allow) or
+/// "general"; returns the mode before. For tests and benches that compare the paths in one process.
 #[pyfunction]
 fn _set_decode_step(mode: &str) -> PyResult<String> {
     use crate::models::decoder::step::{set_mode, Mode};
     let m = match mode {
-        "auto" => Mode::Auto,
         "team" => Mode::Team,
         "general" => Mode::General,
-        _ => return Err(crate::Error::arg(format!("decode step mode {mode:?}: auto, team or general"))).py(),
+        _ => return Err(crate::Error::arg(format!("decode step mode {mode:?}: team or general"))).py(),
     };
     Ok(match set_mode(m) {
-        Mode::Auto => "auto",
         Mode::Team => "team",
         Mode::General => "general",
     }
