@@ -377,7 +377,6 @@ impl<'a> Paged<'a> {
     /// As for `run`, with an f32 pool.
     unsafe fn run_f32(&self, i: usize, qd: &[f32], kd: &[f32], vd: &[f32], out: *mut f32) {
         let segs = self.segs(i);
-        prefetch_rows(kd, vd, &segs, self.width, self.d);
         // SAFETY: the caller's.
         unsafe { self.run_on(i, qd, &Kv { k: kd, k_rs: self.width, v: vd, v_rs: self.width, segs: &segs }, out) }
     }
@@ -399,31 +398,30 @@ impl<'a> Paged<'a> {
 }
 
 /// Ask for every key and value row of a task's runs (`d` elements each, rows `width` apart) to be brought into
-/// the L2 cache at once, before the task reads them. A task reads a few dozen to a few thousand rows of a few
-/// hundred bytes, one stretch per block of the pool and each a third or less of a pool row (one KV head's part):
-/// too short and scattered for the hardware's prefetchers, so without this the reads went one miss at a time
-/// (5-7 GB/s a thread). A prefetch is a hint: it changes no number and never faults.
+/// the L2 cache at once: for an f16 pool's rows, which are widened into a buffer one after another before the
+/// task reads them (an f32 pool's rows are asked for as the walk goes: `Ahead`).
 #[inline]
 fn prefetch_rows<T>(k: &[T], v: &[T], segs: &[Seg], width: usize, d: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        let bytes = d * std::mem::size_of::<T>();
-        for seg in segs {
-            for j in 0..seg.len {
-                let (kr, vr) = (k.as_ptr().wrapping_add(seg.k + j * width) as *const i8, v.as_ptr().wrapping_add(seg.v + j * width) as *const i8);
-                for off in (0..bytes).step_by(64) {
-                    // SAFETY: prefetching is a hint with no effect on memory or faults, whatever the address.
-                    unsafe {
-                        _mm_prefetch::<_MM_HINT_T1>(kr.wrapping_add(off));
-                        _mm_prefetch::<_MM_HINT_T1>(vr.wrapping_add(off));
-                    }
-                }
-            }
+    let bytes = d * std::mem::size_of::<T>();
+    for seg in segs {
+        for j in 0..seg.len {
+            prefetch_l2(k.as_ptr().wrapping_add(seg.k + j * width) as *const u8, bytes);
+            prefetch_l2(v.as_ptr().wrapping_add(seg.v + j * width) as *const u8, bytes);
         }
     }
+}
+
+/// Ask for the `bytes` from `p` on to be brought into the L2 cache. A prefetch is a hint: it changes no number and
+/// never faults, whatever the address.
+#[inline(always)]
+fn prefetch_l2(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: see above.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.wrapping_add(off) as *const i8) };
+    }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (k, v, segs, width, d);
+    let _ = (p, bytes);
 }
 
 /// Which keys (indices relative to the block's first key) the rows of a block see.
@@ -694,13 +692,18 @@ mod simd {
 
 /// Walk the keys of `segs` (in order, `VT` at a time) and, for each tile, every row that sees some of it: the
 /// body runs with `seg`, `col` (the run's first key), `r` and `a..b`, the keys (block-relative) row r sees there.
+/// `$tile` runs first at each tile with `$end`, the key (block-relative) the tile ends before.
 /// A macro, not a function taking a closure: a closure would be compiled without the caller's target features.
 macro_rules! for_each_tile {
-    ($segs:expr, $rows:expr, $vis:expr, |$seg:ident, $col:ident, $r:ident, $a:ident, $b:ident| $body:block) => {{
+    ($segs:expr, $rows:expr, $vis:expr, |$end:ident| $tile:block, |$seg:ident, $col:ident, $r:ident, $a:ident, $b:ident| $body:block) => {{
         let mut $col = 0;
         for $seg in $segs {
             for t0 in (0..$seg.len).step_by(VT) {
                 let (j0, j1) = ($col + t0, $col + (t0 + VT).min($seg.len));
+                {
+                    let $end = j1;
+                    $tile
+                }
                 for $r in 0..$rows {
                     let (from, seen) = $vis($r);
                     let ($a, $b) = (j0.max(from), j1.min(seen));
@@ -710,6 +713,53 @@ macro_rules! for_each_tile {
             $col += $seg.len;
         }
     }};
+}
+
+/// Keys ahead of the walk whose rows `Ahead` asks for: two tiles, 32 KiB of keys and as much of values at D = 64.
+const AHEAD: usize = 2 * VT;
+
+/// Asks for the key and value rows of a block's runs to be brought into the L2 cache `AHEAD` keys before the walk
+/// reaches them, as it goes: a block reads a few dozen to a few thousand rows, one run per block of a paged pool,
+/// each row a third or less of a pool row (one KV head's part), too short and scattered for the hardware's
+/// prefetchers. Asking for every row up front (as an earlier build did) queued thousands of misses before the
+/// first dot product, and the walk then waited on them. A prefetch is a hint: it changes no number and never faults.
+struct Ahead<'a> {
+    kv: &'a Kv<'a>,
+    d: usize,
+    /// the run and the row in it to ask for next, and how many keys were asked for
+    seg: usize,
+    row: usize,
+    asked: usize,
+}
+
+impl<'a> Ahead<'a> {
+    fn new(kv: &'a Kv<'a>, d: usize) -> Self {
+        Ahead { kv, d, seg: 0, row: 0, asked: 0 }
+    }
+
+    /// Ask for the rows of keys (block-relative) up to `end` + AHEAD not asked for yet: keys and values, or values
+    /// alone.
+    #[inline(always)]
+    fn upto(&mut self, end: usize, keys: bool) {
+        let mut left = (end + AHEAD).saturating_sub(self.asked);
+        let bytes = self.d * 4;
+        while left > 0 && self.seg < self.kv.segs.len() {
+            let seg = self.kv.segs[self.seg];
+            let n = left.min(seg.len - self.row);
+            for j in self.row..self.row + n {
+                if keys {
+                    prefetch_l2(self.kv.k.as_ptr().wrapping_add(seg.k + j * self.kv.k_rs) as *const u8, bytes);
+                }
+                prefetch_l2(self.kv.v.as_ptr().wrapping_add(seg.v + j * self.kv.v_rs) as *const u8, bytes);
+            }
+            left -= n;
+            self.asked += n;
+            self.row += n;
+            if self.row == seg.len {
+                (self.seg, self.row) = (self.seg + 1, 0);
+            }
+        }
+    }
 }
 
 /// For H rows (their scores and output rows): out[c0..c0+64] += Σ_{j in a..b} p_j · v_j[c0..c0+64], each element
@@ -762,7 +812,8 @@ unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<
     };
     // scores [head·rows + r][key], a tile of keys at a time for every row that sees some of them
     let mut s = vec![0f32; nrow * kend];
-    for_each_tile!(kv.segs, rows, vis, |seg, col, r, a, b| {
+    let mut ahead = Ahead::new(kv, d);
+    for_each_tile!(kv.segs, rows, vis, |end| { ahead.upto(end, true) }, |seg, col, r, a, b| {
         debug_assert!(kv.k.len() >= seg.k + (b - col - 1) * kv.k_rs + d);
         for i in 0..rg.heads {
             let qr = &q[rg.at(i, r)..][..d];
@@ -792,7 +843,8 @@ unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<
             orow(i, r).fill(0.0);
         }
     }
-    for_each_tile!(kv.segs, rows, vis, |seg, col, r, a, b| {
+    let mut ahead = Ahead::new(kv, d);
+    for_each_tile!(kv.segs, rows, vis, |end| { ahead.upto(end, false) }, |seg, col, r, a, b| {
         debug_assert!(kv.v.len() >= seg.v + (b - col - 1) * kv.v_rs + d);
         if d % 64 == 0 {
             // up to 3 heads of the group at once: each row of V loaded once for all of them
