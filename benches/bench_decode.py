@@ -215,7 +215,7 @@ def main() -> None:
 
         cfg = json.loads((CONFIGS / "gpt2-124m.json").read_text())
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "gpt2-124m"
+            folder = Path(tmp)
             write_checkpoint(cfg, folder)
             shapes = param_shapes(cfg)
             for dtype, fmt in (("float32", "F32"), ("bfloat16", "BF16")):
