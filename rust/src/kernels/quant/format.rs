@@ -67,9 +67,10 @@ impl Kind {
         }
     }
 
-    /// Scales kept as f32 (else as the file's f16).
+    /// The K-quants: 256-weight superblocks, integer sub-block scales under an f16 superblock scale (kept so:
+    /// `Scales::Sub`), activations rounded per 256 (else per 32, and scales kept as the file's f16).
     #[inline(always)]
-    pub(super) const fn f32_scales(self) -> bool {
+    pub(super) const fn k_quant(self) -> bool {
         matches!(self, Kind::Q4K | Kind::Q5K | Kind::Q6K)
     }
 
@@ -123,6 +124,28 @@ pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
         (s[j] & 63, s[j + 4] & 63)
     } else {
         ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+    }
+}
+
+/// A K-quant superblock's scales as the file holds them: the sub-block scales (8 for Q4_K and Q5_K, 16 for Q6_K,
+/// Q6_K's as i8 bits) into `sc`, the mins (Q4_K, Q5_K) into `mn`; returns the f16 bits of the superblock scale and
+/// of minus its min scale. `decode_block`'s scales are sup·sc and mins (−dmin)·mn, computed in f32.
+pub(super) fn k_scales(kind: Kind, blk: &[u8], sc: &mut Vec<u8>, mn: &mut Vec<u8>) -> (u16, u16) {
+    let bits = |i: usize| u16::from_le_bytes([blk[i], blk[i + 1]]);
+    match kind {
+        Kind::Q4K | Kind::Q5K => {
+            for sub in 0..8 {
+                let (s, m) = scale_min_k4(sub, &blk[4..16]);
+                sc.push(s);
+                mn.push(m);
+            }
+            (bits(0), bits(2) ^ 0x8000)
+        }
+        Kind::Q6K => {
+            sc.extend_from_slice(&blk[192..208]);
+            (bits(208), 0)
+        }
+        _ => unreachable!("{kind:?} is not a K-quant"),
     }
 }
 

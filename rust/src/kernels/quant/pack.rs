@@ -4,31 +4,57 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::format::{decode_block, h2f, Kind};
+use super::format::{decode_block, h2f, k_scales, Kind};
 use super::{QWeight, Scales, ROWS};
 
 impl Scales {
+    /// Entry `i`'s superblock scale: `Sub`'s `sup` index.
+    #[inline(always)]
+    fn sup_index(i: usize, spb: usize) -> usize {
+        (i / ROWS / spb / 8) * ROWS + i % ROWS
+    }
+
     pub(super) fn get(&self, i: usize) -> f32 {
         match self {
             Scales::F16(v) => h2f(v[i]),
-            Scales::F32(v) => v[i],
+            Scales::Sub { ints, sup, signed, spb } => {
+                let q = if *signed { ints[i] as i8 as f32 } else { ints[i] as f32 };
+                h2f(sup[Self::sup_index(i, *spb)]) * q
+            }
             Scales::None => 0.0,
         }
     }
 
-    /// For the SIMD kernels: the address of entry `i` (f16 bits or f32, by the format).
+    /// For the SIMD kernels: the address of entry `i` (f16 bits, or `Sub`'s integer).
     pub(super) fn ptr(&self, i: usize) -> *const u8 {
         match self {
             Scales::F16(v) => v[i..].as_ptr() as *const u8,
-            Scales::F32(v) => v[i..].as_ptr() as *const u8,
+            Scales::Sub { ints, .. } => ints[i..].as_ptr(),
             Scales::None => std::ptr::null(),
+        }
+    }
+
+    /// For the SIMD kernels: the address of entry `i`'s superblock scale (f16 bits; `Sub` only).
+    pub(super) fn sup_ptr(&self, i: usize) -> *const u8 {
+        match self {
+            Scales::Sub { sup, spb, .. } => sup[Self::sup_index(i, *spb)..].as_ptr() as *const u8,
+            _ => std::ptr::null(),
         }
     }
 
     pub(super) fn concat(parts: &[&Scales]) -> Scales {
         match parts[0] {
             Scales::F16(_) => Scales::F16(parts.iter().flat_map(|s| if let Scales::F16(v) = s { v.clone() } else { vec![] }).collect()),
-            Scales::F32(_) => Scales::F32(parts.iter().flat_map(|s| if let Scales::F32(v) = s { v.clone() } else { vec![] }).collect()),
+            &Scales::Sub { signed, spb, .. } => {
+                let (mut ints, mut sup) = (vec![], vec![]);
+                for s in parts {
+                    if let Scales::Sub { ints: i, sup: u, .. } = s {
+                        ints.extend_from_slice(i);
+                        sup.extend_from_slice(u);
+                    }
+                }
+                Scales::Sub { ints, sup, signed, spb }
+            }
             Scales::None => Scales::None,
         }
     }
@@ -57,8 +83,13 @@ impl QWeight {
         let groups = out.div_ceil(ROWS);
         let (be, bb) = kind.ggml_block();
         let (gb, spb) = (kind.group_block_bytes(), kind.scales_per_block());
-        let mut d = vec![0f32; groups * nb * spb * ROWS];
-        let mut m = vec![0f32; if kind.has_min() { groups * nb * ROWS } else { 0 }];
+        let k = kind.k_quant();
+        // the 32-block formats' scales and mins (the K-quants' go into the four arrays after)
+        let mut d = vec![0f32; if k { 0 } else { groups * nb * spb * ROWS }];
+        let mut m = vec![0f32; if kind.has_min() && !k { groups * nb * ROWS } else { 0 }];
+        let (mut d_int, mut d_sup) = (vec![0u8; if k { groups * nb * spb * ROWS } else { 0 }], vec![0u16; if k { groups * nb / 8 * ROWS } else { 0 }]);
+        let (mut m_int, mut m_sup) = (vec![0u8; if k && kind.has_min() { groups * nb * ROWS } else { 0 }], vec![0u16; if k && kind.has_min() { groups * nb / 8 * ROWS } else { 0 }]);
+        let (mut sc, mut mn) = (Vec::with_capacity(16), Vec::with_capacity(8));
         let mut qs = vec![0u8; groups * nb * gb];
         let row_bytes = inp / be * bb;
         let (mut q, mut ds, mut ms) = (vec![0u8; inp], Vec::with_capacity(nb * spb), Vec::with_capacity(nb));
@@ -73,14 +104,33 @@ impl QWeight {
             ms.clear();
             for (i, blk) in data[r * row_bytes..(r + 1) * row_bytes].chunks_exact(bb).enumerate() {
                 decode_block(kind, blk, &mut q[i * be..(i + 1) * be], &mut ds, &mut ms);
+                if k {
+                    // superblock i: blocks 8i..8i+8 of the row
+                    sc.clear();
+                    mn.clear();
+                    let (sd, sm) = k_scales(kind, blk, &mut sc, &mut mn);
+                    let gs = g * nb / 8 + i;
+                    d_sup[gs * ROWS + lane] = sd;
+                    for (j, &v) in sc.iter().enumerate() {
+                        d_int[((g * nb + 8 * i) * spb + j) * ROWS + lane] = v;
+                    }
+                    if kind.has_min() {
+                        m_sup[gs * ROWS + lane] = sm;
+                        for (j, &v) in mn.iter().enumerate() {
+                            m_int[(g * nb + 8 * i + j) * ROWS + lane] = v;
+                        }
+                    }
+                }
             }
             for b in 0..nb {
                 let gi = g * nb + b;
-                for h in 0..spb {
-                    d[(gi * spb + h) * ROWS + lane] = ds[b * spb + h];
-                }
-                if kind.has_min() {
-                    m[gi * ROWS + lane] = ms[b];
+                if !k {
+                    for h in 0..spb {
+                        d[(gi * spb + h) * ROWS + lane] = ds[b * spb + h];
+                    }
+                    if kind.has_min() {
+                        m[gi * ROWS + lane] = ms[b];
+                    }
                 }
                 let (src, dst) = (&q[b * 32..b * 32 + 32], &mut qs[gi * gb..][..gb]);
                 for k in 0..8 {
@@ -101,14 +151,19 @@ impl QWeight {
         let pack = |v: Vec<f32>| {
             if v.is_empty() {
                 Scales::None
-            } else if kind.f32_scales() {
-                Scales::F32(v)
             } else {
                 // exact: these came from the file's f16
                 Scales::F16(v.iter().map(|&x| f16::from_f32(x).to_bits()).collect())
             }
         };
-        Self { kind, out, inp, nb, groups, d: pack(d), m: pack(m), qs }
+        let (d, m) = if k {
+            let signed = kind == Kind::Q6K;
+            let m = if kind.has_min() { Scales::Sub { ints: m_int, sup: m_sup, signed, spb: 1 } } else { Scales::None };
+            (Scales::Sub { ints: d_int, sup: d_sup, signed, spb }, m)
+        } else {
+            (pack(d), pack(m))
+        };
+        Self { kind, out, inp, nb, groups, d, m, qs }
     }
 
     /// The rows of several weights of one format and input size, in order, as one weight; None when they differ

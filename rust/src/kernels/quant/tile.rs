@@ -68,7 +68,7 @@ pub(super) fn quantize_into(kind: Kind, x: &[f32], q: &mut [i8], a: &mut [f32], 
 
 /// The rounding's specification (and the kernel of CPUs without AVX-512).
 fn quantize_scalar(kind: Kind, x: &[f32], q: &mut [i8], a: &mut [f32], c: &mut [f32]) {
-    let k_quant = kind.f32_scales();
+    let k_quant = kind.k_quant();
     let span = if k_quant { 256 } else { 32 };
     for (i, (xs, qs)) in x.chunks(span).zip(q.chunks_mut(span)).enumerate() {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -103,7 +103,7 @@ fn quantize_scalar(kind: Kind, x: &[f32], q: &mut [i8], a: &mut [f32], c: &mut [
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_avx512(kind: Kind, x: &[f32], q: &mut [i8], a: &mut [f32], c: &mut [f32]) {
     use std::arch::x86_64::*;
-    let k_quant = kind.f32_scales();
+    let k_quant = kind.k_quant();
     let span = if k_quant { 256 } else { 32 };
     // SAFETY: every load reads 16 floats inside x's span being rounded, every store 16 bytes inside q's (q is at
     // least as long as x, checked by the caller), and the target features are the caller's promise.
@@ -182,7 +182,8 @@ fn prefetch(w: &QWeight, gi: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let kind = w.kind;
     let (gb, spb) = (kind.group_block_bytes(), kind.scales_per_block());
-    let sb = if kind.f32_scales() { 4 } else { 2 };
+    // bytes per scale entry: a K-quant's sub-block integer, else an f16
+    let sb = if kind.k_quant() { 1 } else { 2 };
     let ahead = w.qs.as_ptr().wrapping_add(gi * gb + PREFETCH);
     // SAFETY: prefetching is a hint with no effect on memory or faults, whatever the address.
     unsafe {
@@ -210,11 +211,15 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
         let kind = Kind::from_id(K);
         let (nb, gb, spb) = (w.nb, kind.group_block_bytes(), kind.scales_per_block());
         let low = _mm512_set1_epi8(15);
-        let load_scales = |p: *const u8| {
-            if kind.f32_scales() {
-                _mm512_loadu_ps(p as *const f32)
+        // the 16 rows' entry i of `s`: f16 as the file has them, or a K-quant's sub-block integers times their
+        // superblock's f16 scale (the f32 product Scales::get gives)
+        let load_scales = |s: &super::Scales, i: usize| {
+            if kind.k_quant() {
+                let ints = _mm_loadu_si128(s.ptr(i) as *const __m128i);
+                let ints = if kind == Kind::Q6K { _mm512_cvtepi8_epi32(ints) } else { _mm512_cvtepu8_epi32(ints) };
+                _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(s.sup_ptr(i) as *const __m256i)), _mm512_cvtepi32_ps(ints))
             } else {
-                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+                _mm512_cvtph_ps(_mm256_loadu_si256(s.ptr(i) as *const __m256i))
             }
         };
         let zero = _mm512_setzero_ps();
@@ -247,9 +252,9 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                     ws[k] = _mm512_loadu_si512(base.add(k * 64) as *const _);
                 }
             }
-            let dw = load_scales(w.d.ptr(gi * spb * ROWS));
-            let dw1 = if kind.halves() { load_scales(w.d.ptr((gi * spb + 1) * ROWS)) } else { zero };
-            let mw = if kind.has_min() { load_scales(w.m.ptr(gi * ROWS)) } else { zero };
+            let dw = load_scales(&w.d, gi * spb * ROWS);
+            let dw1 = if kind.halves() { load_scales(&w.d, (gi * spb + 1) * ROWS) } else { zero };
+            let mw = if kind.has_min() { load_scales(&w.m, gi * ROWS) } else { zero };
             macro_rules! row {
                 ($r:literal) => {
                     if $r < M {
@@ -322,11 +327,16 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
         let ones = _mm256_set1_epi16(1);
         let spread_bytes = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
         let bit_of_byte = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-        let load_scales = |p: *const u8, half: usize| {
-            if kind.f32_scales() {
-                _mm256_loadu_ps((p as *const f32).add(half * 8))
+        // as in tile_vnni, for 8 rows: this half's
+        let load_scales = |s: &super::Scales, i: usize, half: usize| {
+            let i = i + half * 8;
+            let sup = _mm256_cvtph_ps(_mm_loadu_si128(if kind.k_quant() { s.sup_ptr(i) } else { s.ptr(i) } as *const __m128i));
+            if kind.k_quant() {
+                let ints = _mm_loadl_epi64(s.ptr(i) as *const __m128i);
+                let ints = if kind == Kind::Q6K { _mm256_cvtepi8_epi32(ints) } else { _mm256_cvtepu8_epi32(ints) };
+                _mm256_mul_ps(sup, _mm256_cvtepi32_ps(ints))
             } else {
-                _mm256_cvtph_ps(_mm_loadu_si128((p as *const u16).add(half * 8) as *const __m128i))
+                sup
             }
         };
         for half in 0..2 {
@@ -360,7 +370,7 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                         ws[k] = if q8 { _mm256_xor_si256(l, flip) } else { l };
                     }
                 }
-                let dw = load_scales(w.d.ptr(gi * spb * ROWS), half);
+                let dw = load_scales(&w.d, gi * spb * ROWS, half);
                 for r in 0..M {
                     let row = r0 + r;
                     let xp = xs.q.as_ptr().add(row * w.inp + b * 32) as *const i32;
@@ -393,7 +403,7 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                     let a = _mm256_set1_ps(*xs.a.get_unchecked(row * nb + b));
                     let c = xs.c.as_ptr().add(2 * (row * nb + b));
                     if kind.halves() {
-                        let dw1 = load_scales(w.d.ptr((gi * spb + 1) * ROWS), half);
+                        let dw1 = load_scales(&w.d, (gi * spb + 1) * ROWS, half);
                         let lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), a, _mm256_set1_ps(*c));
                         let hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), a, _mm256_set1_ps(*c.add(1)));
                         f[r] = _mm256_fmadd_ps(dw, lo, f[r]);
@@ -404,7 +414,7 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                     if q8 {
                         f[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, a), isum, f[r]);
                     } else if kind.has_min() {
-                        let mw = load_scales(w.m.ptr(gi * ROWS), half);
+                        let mw = load_scales(&w.m, gi * ROWS, half);
                         f[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, a), isum, f[r]);
                         f[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*c), f[r]);
                     } else {
