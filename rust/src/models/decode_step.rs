@@ -51,7 +51,8 @@ static STEPS: AtomicU64 = AtomicU64::new(0);
 
 /// Which path decode steps take. There is no fallback to the general path on a crowded machine: with busy
 /// processes beside the engine (one or two CPU hogs on a 2-vCPU VM, a server's own clients and event loop) or
-/// twice as many threads as cores, the team still ran as fast as the general path or faster (docs/decisions.md).
+/// twice as many threads as cores, the team ran as fast as the general path or faster in all runs measured but
+/// one (docs/decisions.md, "Decode speed").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Mode {
