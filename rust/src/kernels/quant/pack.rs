@@ -34,10 +34,11 @@ impl Scales {
         }
     }
 
-    /// For the SIMD kernels: the address of entry `i`'s superblock scale (f16 bits; `Sub` only).
-    pub(super) fn sup_ptr(&self, i: usize) -> *const u8 {
+    /// For the SIMD kernels: the address of block `gi`'s 16 superblock scales (f16 bits; `Sub` only), the
+    /// `sup_index` of its entries without dividing by the scales per block.
+    pub(super) fn sup_ptr(&self, gi: usize) -> *const u8 {
         match self {
-            Scales::Sub { sup, spb, .. } => sup[Self::sup_index(i, *spb)..].as_ptr() as *const u8,
+            Scales::Sub { sup, .. } => sup[gi / 8 * ROWS..].as_ptr() as *const u8,
             _ => std::ptr::null(),
         }
     }

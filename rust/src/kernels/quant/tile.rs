@@ -213,11 +213,11 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
         let low = _mm512_set1_epi8(15);
         // the 16 rows' entry i of `s`: f16 as the file has them, or a K-quant's sub-block integers times their
         // superblock's f16 scale (the f32 product Scales::get gives)
-        let load_scales = |s: &super::Scales, i: usize| {
+        let load_scales = |s: &super::Scales, i: usize, gi: usize| {
             if kind.k_quant() {
                 let ints = _mm_loadu_si128(s.ptr(i) as *const __m128i);
                 let ints = if kind == Kind::Q6K { _mm512_cvtepi8_epi32(ints) } else { _mm512_cvtepu8_epi32(ints) };
-                _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(s.sup_ptr(i) as *const __m256i)), _mm512_cvtepi32_ps(ints))
+                _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(s.sup_ptr(gi) as *const __m256i)), _mm512_cvtepi32_ps(ints))
             } else {
                 _mm512_cvtph_ps(_mm256_loadu_si256(s.ptr(i) as *const __m256i))
             }
@@ -252,9 +252,9 @@ unsafe fn tile_vnni<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                     ws[k] = _mm512_loadu_si512(base.add(k * 64) as *const _);
                 }
             }
-            let dw = load_scales(&w.d, gi * spb * ROWS);
-            let dw1 = if kind.halves() { load_scales(&w.d, (gi * spb + 1) * ROWS) } else { zero };
-            let mw = if kind.has_min() { load_scales(&w.m, gi * ROWS) } else { zero };
+            let dw = load_scales(&w.d, gi * spb * ROWS, gi);
+            let dw1 = if kind.halves() { load_scales(&w.d, (gi * spb + 1) * ROWS, gi) } else { zero };
+            let mw = if kind.has_min() { load_scales(&w.m, gi * ROWS, gi) } else { zero };
             macro_rules! row {
                 ($r:literal) => {
                     if $r < M {
@@ -328,9 +328,10 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
         let spread_bytes = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
         let bit_of_byte = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
         // as in tile_vnni, for 8 rows: this half's
-        let load_scales = |s: &super::Scales, i: usize, half: usize| {
+        let load_scales = |s: &super::Scales, i: usize, gi: usize, half: usize| {
             let i = i + half * 8;
-            let sup = _mm256_cvtph_ps(_mm_loadu_si128(if kind.k_quant() { s.sup_ptr(i) } else { s.ptr(i) } as *const __m128i));
+            let f16s = if kind.k_quant() { (s.sup_ptr(gi) as *const u16).add(half * 8) as *const u8 } else { s.ptr(i) };
+            let sup = _mm256_cvtph_ps(_mm_loadu_si128(f16s as *const __m128i));
             if kind.k_quant() {
                 let ints = _mm_loadl_epi64(s.ptr(i) as *const __m128i);
                 let ints = if kind == Kind::Q6K { _mm256_cvtepi8_epi32(ints) } else { _mm256_cvtepu8_epi32(ints) };
@@ -370,7 +371,7 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                         ws[k] = if q8 { _mm256_xor_si256(l, flip) } else { l };
                     }
                 }
-                let dw = load_scales(&w.d, gi * spb * ROWS, half);
+                let dw = load_scales(&w.d, gi * spb * ROWS, gi, half);
                 for r in 0..M {
                     let row = r0 + r;
                     let xp = xs.q.as_ptr().add(row * w.inp + b * 32) as *const i32;
@@ -403,7 +404,7 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                     let a = _mm256_set1_ps(*xs.a.get_unchecked(row * nb + b));
                     let c = xs.c.as_ptr().add(2 * (row * nb + b));
                     if kind.halves() {
-                        let dw1 = load_scales(&w.d, (gi * spb + 1) * ROWS, half);
+                        let dw1 = load_scales(&w.d, (gi * spb + 1) * ROWS, gi, half);
                         let lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), a, _mm256_set1_ps(*c));
                         let hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), a, _mm256_set1_ps(*c.add(1)));
                         f[r] = _mm256_fmadd_ps(dw, lo, f[r]);
@@ -414,7 +415,7 @@ unsafe fn tile_avx2<const K: u8, const M: usize>(w: &QWeight, g: usize, xs: &Act
                     if q8 {
                         f[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, a), isum, f[r]);
                     } else if kind.has_min() {
-                        let mw = load_scales(&w.m, gi * ROWS, half);
+                        let mw = load_scales(&w.m, gi * ROWS, gi, half);
                         f[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, a), isum, f[r]);
                         f[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*c), f[r]);
                     } else {
