@@ -23,6 +23,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::cpu::{self, par_tasks, SendPtr};
+use super::huge::Buf;
 
 /// Up to this many rows of x, `matmul` uses the panel matrix-vector kernel; above it, gemm.
 pub const SMALL_M: usize = 8;
@@ -35,9 +36,9 @@ const GEMM_ROWS: usize = 128;
 
 /// The panels' elements, at the width the weight was given.
 pub enum PanelData {
-    F32(Vec<f32>),
-    BF16(Vec<bf16>),
-    F16(Vec<f16>),
+    F32(Buf<f32>),
+    BF16(Buf<bf16>),
+    F16(Buf<f16>),
 }
 
 /// An [n, k] weight in panels of `PANEL` rows: panel p (rows p·PANEL .. p·PANEL + nr) is stored transposed,
@@ -72,6 +73,28 @@ impl Panels {
         Self { data: W::into_data(pack(w, n, k, done)), n, k }
     }
 
+    /// Whether weights of `rows` rows each, stacked in that order, are stored as their own panels one after
+    /// another: every part but the last fills its last panel.
+    pub fn stacks(rows: &[usize]) -> bool {
+        rows.split_last().is_some_and(|(_, init)| init.iter().all(|r| r % PANEL == 0))
+    }
+
+    /// `new_releasing` for several [n_i, k] weights stacked along the rows (q, k and v), which must `stack`:
+    /// each part is packed straight into its own panels of the one matrix (no stacked copy of the weights).
+    pub fn from_parts_releasing<W: Elem>(parts: &[&[W]], k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Self {
+        assert!(k > 0 && parts.iter().all(|p| p.len() % k == 0));
+        let rows: Vec<usize> = parts.iter().map(|p| p.len() / k).collect();
+        assert!(Self::stacks(&rows), "parts of {rows:?} rows do not stack into panels of {PANEL}");
+        let n = rows.iter().sum();
+        let mut out = Buf::<W>::zeroed(n * k);
+        let mut at = 0;
+        for (p, r) in parts.iter().zip(rows) {
+            pack_into(&mut out[at..at + r * k], p, r, k, done);
+            at += r * k;
+        }
+        Self { data: W::into_data(out), n, k }
+    }
+
     /// Output rows.
     pub fn n(&self) -> usize {
         self.n
@@ -86,9 +109,19 @@ impl Panels {
     pub fn unpack(&self) -> PanelData {
         let (n, k) = (self.n, self.k);
         match &self.data {
-            PanelData::F32(d) => PanelData::F32(unpack(d, n, k)),
-            PanelData::BF16(d) => PanelData::BF16(unpack(d, n, k)),
-            PanelData::F16(d) => PanelData::F16(unpack(d, n, k)),
+            PanelData::F32(d) => PanelData::F32(unpack(d, n, k).into()),
+            PanelData::BF16(d) => PanelData::BF16(unpack(d, n, k).into()),
+            PanelData::F16(d) => PanelData::F16(unpack(d, n, k).into()),
+        }
+    }
+
+    /// Move the panels into huge-page regions (`kernels::huge`), once this weight is final: a decode step streams
+    /// them. The numbers are the same.
+    pub fn settle(&mut self) {
+        match &mut self.data {
+            PanelData::F32(d) => d.settle(),
+            PanelData::BF16(d) => d.settle(),
+            PanelData::F16(d) => d.settle(),
         }
     }
 
@@ -157,11 +190,19 @@ fn at(q: usize, j: usize, nr: usize, pairs: bool) -> usize {
 const SLAB: usize = 64;
 
 /// [n, k] row-major -> panels, slab by slab; `done` gets each slab's rows of `w` once they are packed.
-fn pack<W: Elem + Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Vec<W> {
+fn pack<W: Elem + Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Buf<W> {
+    // straight into a huge-page region (`kernels::huge`)
+    let mut out = Buf::<W>::zeroed(n * k);
+    pack_into(&mut out, w, n, k, done);
+    out
+}
+
+/// `pack` into `out` (n·k elements).
+fn pack_into<W: Elem + Copy + Send + Sync + Default>(out: &mut [W], w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) {
+    assert_eq!(out.len(), n * k);
     let pairs = paired::<W>(k);
-    let mut out = vec![W::default(); n * k];
     if k == 0 {
-        return out;
+        return;
     }
     for (s, slab) in out.chunks_mut(SLAB * PANEL * k).enumerate() {
         slab.par_chunks_mut(PANEL * k).enumerate().for_each(|(p, panel)| {
@@ -177,7 +218,6 @@ fn pack<W: Elem + Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize, don
         let r0 = s * SLAB * PANEL;
         done(&w[r0 * k..(r0 * k + slab.len()).min(n * k)]);
     }
-    out
 }
 
 /// Panels -> [n, k] row-major.
@@ -232,7 +272,7 @@ pub(crate) fn round_bf16(v: f32) -> f32 {
 // Weight element types
 
 /// A weight element: f32, or a 16-bit float widened to f32 as it is read.
-pub trait Elem: Copy + Send + Sync + Default + 'static {
+pub trait Elem: Copy + Send + Sync + Default + bytemuck::Pod + 'static {
     /// Widen `src` into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
     /// The data itself when it is already f32.
@@ -246,7 +286,7 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
         None
     }
     /// The panels' storage for elements of this type.
-    fn into_data(v: Vec<Self>) -> PanelData;
+    fn into_data(v: Buf<Self>) -> PanelData;
     /// 8 elements at `p`, widened.
     ///
     /// # Safety
@@ -257,7 +297,7 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
 }
 
 impl Elem for f32 {
-    fn into_data(v: Vec<f32>) -> PanelData {
+    fn into_data(v: Buf<f32>) -> PanelData {
         PanelData::F32(v)
     }
     fn widen(src: &[f32], dst: &mut [f32]) {
@@ -275,7 +315,7 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
-    fn into_data(v: Vec<bf16>) -> PanelData {
+    fn into_data(v: Buf<bf16>) -> PanelData {
         PanelData::BF16(v)
     }
     const IS_BF16: bool = true;
@@ -301,7 +341,7 @@ impl Elem for bf16 {
 }
 
 impl Elem for f16 {
-    fn into_data(v: Vec<f16>) -> PanelData {
+    fn into_data(v: Buf<f16>) -> PanelData {
         PanelData::F16(v)
     }
     fn widen(src: &[f16], dst: &mut [f32]) {

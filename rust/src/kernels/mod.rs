@@ -7,7 +7,8 @@
 //!   integer dot-product kernels);
 //! - `attention`: blocked causal attention without a score tensor;
 //! - `act`: vectorised GELU, SiLU, SwiGLU and the softmax exponentials;
-//! - `team`: every thread on one job in stages with barriers between (the decode step).
+//! - `team`: every thread on one job in stages with barriers between (the decode step);
+//! - `huge`: the buffers weights live in, moved into huge-page regions once a layer has them.
 //!
 //! The layers that hold weights and call these (and fall back to Candle elsewhere) live in `crate::nn`.
 
@@ -15,6 +16,7 @@ pub mod act;
 pub mod attention;
 pub mod cpu;
 pub mod dense;
+pub mod huge;
 pub mod quant;
 pub mod team;
 

@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 pub mod step;
 
 use super::{last_rows, merge_heads, split_heads};
+use crate::kernels::dense::Panels;
 use crate::nn::{embed, Cache, KvPool, Linear, Logits, Norm, PagedSeq, PagedStep, Table};
 use crate::config::{activation, Act, Config, Residual};
 use crate::error::{Error, Result};
@@ -62,7 +63,12 @@ impl Source<'_> {
     /// Projections of one input stored as one matrix (their weights [out_i, inp] stacked in the order given),
     /// with biases `{name}.bias` when `bias`. `conv1d`: a safetensors checkpoint stores the weights [inp, out_i]
     /// (GPT-2's Conv1D), transposed here once.
+    /// The weights end in huge-page regions (`Linear::settled`).
     pub fn proj(&self, parts: &[(&str, usize)], inp: usize, bias: bool, conv1d: bool) -> Result<Linear> {
+        Ok(self.proj_in_place(parts, inp, bias, conv1d)?.settled())
+    }
+
+    fn proj_in_place(&self, parts: &[(&str, usize)], inp: usize, bias: bool, conv1d: bool) -> Result<Linear> {
         let bias_of = |n: &str, o: usize| -> Result<Option<Tensor>> {
             if bias { Ok(Some(self.dense(&format!("{n}.bias"), &[o])?)) } else { Ok(None) }
         };
@@ -78,14 +84,17 @@ impl Source<'_> {
                     let name = format!("{n}.weight");
                     if conv1d { Ok(w.get(&name, &[inp, o], *dtype)?.t()?.contiguous()?) } else { w.get(&name, &[o, inp], *dtype) }
                 };
-                // one matrix at its stored width on the CPU: panels packed straight from the mapped file
-                if let ([(n, o)], false, None, true) = (parts, conv1d, quant, w.device().is_cpu()) {
-                    if let Some((stored, bytes)) = w.raw(&format!("{n}.weight"), &[*o, inp])? {
-                        if stored == *dtype {
-                            let l = Linear::Dense(crate::nn::linear::Dense::from_bytes(stored, bytes, *o, inp, b)?);
-                            crate::weights::release_pages(bytes);
-                            return Ok(l);
-                        }
+                // weights at their stored width on the CPU, one or stacked (q/k/v, gate/up) where every part fills
+                // its last panel: packed straight from the mapped file into the panels of one matrix
+                let rows: Vec<usize> = parts.iter().map(|(_, o)| *o).collect();
+                if let (false, None, true, true) = (conv1d, quant, w.device().is_cpu(), Panels::stacks(&rows)) {
+                    let raws = parts.iter().map(|(n, o)| w.raw(&format!("{n}.weight"), &[*o, inp])).collect::<Result<Vec<_>>>()?;
+                    let bytes: Option<Vec<&[u8]>> =
+                        raws.into_iter().map(|r| r.and_then(|(stored, bytes)| (stored == *dtype).then_some(bytes))).collect();
+                    if let Some(bytes) = bytes {
+                        let l = Linear::Dense(crate::nn::linear::Dense::from_bytes(*dtype, &bytes, inp, b)?);
+                        bytes.iter().for_each(|b| crate::weights::release_pages(b));
+                        return Ok(l);
                     }
                 }
                 let weight = cat(parts.iter().map(|(n, o)| get(n, *o)).collect::<Result<_>>()?)?;
@@ -663,5 +672,5 @@ fn per_head_qkv(src: &Source, name: &str, h: usize, d: usize, c: usize, bias: bo
     };
     let weight = reorder(w.get(&format!("{name}.weight"), &[3 * h * d, c], *dtype)?, &[c])?;
     let b = if bias { Some(reorder(w.get(&format!("{name}.bias"), &[3 * h * d], *act)?, &[])?) } else { None };
-    Linear::new(weight, b, *quant)
+    Ok(Linear::new(weight, b, *quant)?.settled())
 }

@@ -119,6 +119,28 @@ impl Linear {
         Ok(Linear::Split(parts))
     }
 
+    /// This layer with its weights moved into huge-page regions (`kernels::huge`): called once a projection is
+    /// final (after `fuse`, whose parts are copied into a new matrix), so that no region keeps a part's copy.
+    /// A weight shared with something else (a tied table already holding it) stays where it is.
+    pub fn settled(self) -> Linear {
+        match self {
+            Linear::Blocks(mut w, b) => {
+                if let Some(w) = Arc::get_mut(&mut w) {
+                    w.settle();
+                }
+                Linear::Blocks(w, b)
+            }
+            Linear::Dense(mut d) => {
+                if let Some(p) = d.panels.as_mut().and_then(Arc::get_mut) {
+                    p.settle();
+                }
+                Linear::Dense(d)
+            }
+            Linear::Split(parts) => Linear::Split(parts.into_iter().map(Linear::settled).collect()),
+            q @ Linear::Quant(..) => q,
+        }
+    }
+
     /// A dense weight [out, in] at its dtype (the CPU kernels keep it at that width).
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Linear::Dense(Dense::new(weight, bias)?))
@@ -232,34 +254,43 @@ impl Dense {
         Ok(Self { weight: cell, panels, bias, out_features: n })
     }
 
-    /// From an [out, in] row-major weight given as raw little-endian bytes of `dtype` (f32 / bf16 / f16) in a
-    /// mapped checkpoint, on CPU: packed into panels straight from them, the mapped pages given back slab by
-    /// slab (so the weight is held once, not twice, while it loads).
-    pub fn from_bytes(dtype: DType, bytes: &[u8], n: usize, k: usize, bias: Option<Tensor>) -> Result<Self> {
-        fn panels<T: crate::kernels::dense::Elem + bytemuck::Pod>(bytes: &[u8], n: usize, k: usize) -> Panels {
-            match bytemuck::try_cast_slice::<u8, T>(bytes) {
-                Ok(w) => Panels::new_releasing(w, n, k, &|part: &[T]| {
+    /// From [n_i, in] row-major weights stacked along the rows (one, or q/k/v that `Panels::stacks`), given as
+    /// raw little-endian bytes of `dtype` (f32 / bf16 / f16) in a mapped checkpoint, on CPU: packed into panels
+    /// straight from them, the mapped pages given back slab by slab (so the weight is held once, not twice,
+    /// while it loads, and never as a stacked copy).
+    pub fn from_bytes(dtype: DType, parts: &[&[u8]], k: usize, bias: Option<Tensor>) -> Result<Self> {
+        fn panels<T: crate::kernels::dense::Elem + bytemuck::Pod>(parts: &[&[u8]], k: usize) -> Panels {
+            match parts.iter().map(|b| bytemuck::try_cast_slice::<u8, T>(b)).collect::<std::result::Result<Vec<_>, _>>() {
+                Ok(ws) => Panels::from_parts_releasing(&ws, k, &|part: &[T]| {
                     crate::weights::release_pages(bytemuck::cast_slice(part))
                 }),
-                // a tensor at an offset its width does not divide: one aligned copy first
+                // a tensor at an offset its width does not divide: aligned copies first
                 Err(_) => {
-                    let mut w = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
-                    bytemuck::cast_slice_mut::<T, u8>(&mut w).copy_from_slice(bytes);
-                    Panels::new(&w, n, k)
+                    let owned: Vec<Vec<T>> = parts
+                        .iter()
+                        .map(|b| {
+                            let mut w = vec![T::zeroed(); b.len() / std::mem::size_of::<T>()];
+                            bytemuck::cast_slice_mut::<T, u8>(&mut w).copy_from_slice(b);
+                            w
+                        })
+                        .collect();
+                    Panels::from_parts_releasing(&owned.iter().map(Vec::as_slice).collect::<Vec<_>>(), k, &|_| {})
                 }
             }
         }
         let width = dtype.size_in_bytes();
-        if bytes.len() != n * k * width || n == 0 || k == 0 {
-            return Err(Error::arg(format!("linear: {} bytes for a [{n}, {k}] {dtype:?} weight", bytes.len())));
+        let rows: Vec<usize> = parts.iter().map(|b| b.len() / (k * width).max(1)).collect();
+        if k == 0 || parts.iter().zip(&rows).any(|(b, &n)| n == 0 || b.len() != n * k * width) || !Panels::stacks(&rows) {
+            let sizes: Vec<usize> = parts.iter().map(|b| b.len()).collect();
+            return Err(Error::arg(format!("linear: parts of {sizes:?} bytes for {dtype:?} weights of {k} inputs stacked in panels")));
         }
         let p = match dtype {
-            DType::F32 => panels::<f32>(bytes, n, k),
-            DType::BF16 => panels::<bf16>(bytes, n, k),
-            DType::F16 => panels::<f16>(bytes, n, k),
+            DType::F32 => panels::<f32>(parts, k),
+            DType::BF16 => panels::<bf16>(parts, k),
+            DType::F16 => panels::<f16>(parts, k),
             other => return Err(Error::arg(format!("linear: panels of {other:?}"))),
         };
-        Ok(Self { weight: OnceLock::new(), panels: Some(Arc::new(p)), bias, out_features: n })
+        Ok(Self { weight: OnceLock::new(), out_features: p.n(), panels: Some(Arc::new(p)), bias })
     }
 
     /// The weight, [out, in].
@@ -268,9 +299,9 @@ impl Dense {
             let p = self.panels.as_ref().expect("a Dense layer holds its weight or its panels");
             let (n, k, dev) = (p.n(), p.k(), &Device::Cpu);
             let t = match p.unpack() {
-                PanelData::F32(d) => Tensor::from_vec(d, (n, k), dev),
-                PanelData::BF16(d) => Tensor::from_vec(d, (n, k), dev),
-                PanelData::F16(d) => Tensor::from_vec(d, (n, k), dev),
+                PanelData::F32(d) => Tensor::from_vec(d.into_vec(), (n, k), dev),
+                PanelData::BF16(d) => Tensor::from_vec(d.into_vec(), (n, k), dev),
+                PanelData::F16(d) => Tensor::from_vec(d.into_vec(), (n, k), dev),
             };
             t.expect("a CPU tensor of the weight's own size")
         })

@@ -32,6 +32,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::cpu::{self, Isa};
+use crate::kernels::huge::Buf;
 pub use format::Kind;
 pub use tile::ActsRef;
 use tile::{quantize_acts, quantize_into, tile_fn, TILE, TILES};
@@ -42,12 +43,12 @@ const ROWS: usize = 16;
 /// Scales or mins of every (group, block): [groups][nb][scales per block][ROWS].
 enum Scales {
     /// the 32-block formats': as the file holds them
-    F16(Vec<u16>),
+    F16(Buf<u16>),
     /// the K-quants': per entry the sub-block's integer scale or min (6 bits; Q6_K's scales i8), and per superblock
     /// of 8 blocks and row the f16 scale it is multiplied by ([groups][nb / 8][ROWS]), the product formed in f32
     /// where it is used, as llama.cpp forms it. An f32 per entry instead (an earlier layout) read a third more
     /// bytes than the file for Q4_K (0.75 a weight against 0.5625) and a fifth more for Q6_K.
-    Sub { ints: Vec<u8>, sup: Vec<u16>, signed: bool, spb: usize },
+    Sub { ints: Buf<u8>, sup: Buf<u16>, signed: bool, spb: usize },
     None,
 }
 
@@ -62,7 +63,7 @@ pub struct QWeight {
     d: Scales,
     m: Scales,
     /// repacked weights, [groups][nb][group_block_bytes]
-    qs: Vec<u8>,
+    qs: Buf<u8>,
 }
 
 impl QWeight {

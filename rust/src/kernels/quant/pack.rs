@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::format::{decode_block, h2f, k_scales, Kind};
 use super::{QWeight, Scales, ROWS};
+use crate::kernels::huge::Buf;
 
 impl Scales {
     /// Entry `i`'s superblock scale: `Sub`'s `sup` index.
@@ -45,7 +46,7 @@ impl Scales {
 
     pub(super) fn concat(parts: &[&Scales]) -> Scales {
         match parts[0] {
-            Scales::F16(_) => Scales::F16(parts.iter().flat_map(|s| if let Scales::F16(v) = s { v.clone() } else { vec![] }).collect()),
+            Scales::F16(_) => Scales::F16(parts.iter().flat_map(|s| if let Scales::F16(v) = s { v.to_vec() } else { vec![] }).collect()),
             &Scales::Sub { signed, spb, .. } => {
                 let (mut ints, mut sup) = (vec![], vec![]);
                 for s in parts {
@@ -54,9 +55,20 @@ impl Scales {
                         sup.extend_from_slice(u);
                     }
                 }
-                Scales::Sub { ints, sup, signed, spb }
+                Scales::Sub { ints: ints.into(), sup: sup.into(), signed, spb }
             }
             Scales::None => Scales::None,
+        }
+    }
+
+    fn settle(&mut self) {
+        match self {
+            Scales::F16(v) => v.settle(),
+            Scales::Sub { ints, sup, .. } => {
+                ints.settle();
+                sup.settle();
+            }
+            Scales::None => {}
         }
     }
 }
@@ -88,10 +100,11 @@ impl QWeight {
         // the 32-block formats' scales and mins (the K-quants' go into the four arrays after)
         let mut d = vec![0f32; if k { 0 } else { groups * nb * spb * ROWS }];
         let mut m = vec![0f32; if kind.has_min() && !k { groups * nb * ROWS } else { 0 }];
-        let (mut d_int, mut d_sup) = (vec![0u8; if k { groups * nb * spb * ROWS } else { 0 }], vec![0u16; if k { groups * nb / 8 * ROWS } else { 0 }]);
-        let (mut m_int, mut m_sup) = (vec![0u8; if k && kind.has_min() { groups * nb * ROWS } else { 0 }], vec![0u16; if k && kind.has_min() { groups * nb / 8 * ROWS } else { 0 }]);
+        // (the repacked rows and the K-quants' scales go straight into huge-page regions: `kernels::huge`)
+        let (mut d_int, mut d_sup) = (Buf::<u8>::zeroed(if k { groups * nb * spb * ROWS } else { 0 }), Buf::<u16>::zeroed(if k { groups * nb / 8 * ROWS } else { 0 }));
+        let (mut m_int, mut m_sup) = (Buf::<u8>::zeroed(if k && kind.has_min() { groups * nb * ROWS } else { 0 }), Buf::<u16>::zeroed(if k && kind.has_min() { groups * nb / 8 * ROWS } else { 0 }));
         let (mut sc, mut mn) = (Vec::with_capacity(16), Vec::with_capacity(8));
-        let mut qs = vec![0u8; groups * nb * gb];
+        let mut qs = Buf::<u8>::zeroed(groups * nb * gb);
         let row_bytes = inp / be * bb;
         let (mut q, mut ds, mut ms) = (vec![0u8; inp], Vec::with_capacity(nb * spb), Vec::with_capacity(nb));
         let mut released = 0;
@@ -164,7 +177,17 @@ impl QWeight {
         } else {
             (pack(d), pack(m))
         };
-        Self { kind, out, inp, nb, groups, d, m, qs }
+        let mut w = Self { kind, out, inp, nb, groups, d, m, qs };
+        w.settle();
+        w
+    }
+
+    /// Move the repacked rows and scales into huge-page regions (`kernels::huge`), once this weight is final:
+    /// a decode step streams them, and 2 MiB pages stream faster than 4 KiB ones. The numbers are the same.
+    pub fn settle(&mut self) {
+        self.qs.settle();
+        self.d.settle();
+        self.m.settle();
     }
 
     /// The rows of several weights of one format and input size, in order, as one weight; None when they differ
@@ -183,7 +206,19 @@ impl QWeight {
             groups: parts.iter().map(|w| w.groups).sum(),
             d: Scales::concat(&parts.iter().map(|w| &w.d).collect::<Vec<_>>()),
             m: Scales::concat(&parts.iter().map(|w| &w.m).collect::<Vec<_>>()),
-            qs: parts.iter().flat_map(|w| w.qs.iter().copied()).collect(),
+            qs: {
+                let mut qs = Buf::zeroed(parts.iter().map(|w| w.qs.len()).sum());
+                let mut at = 0;
+                for w in parts {
+                    qs[at..at + w.qs.len()].copy_from_slice(&w.qs);
+                    at += w.qs.len();
+                }
+                qs
+            },
+        })
+        .map(|mut w| {
+            w.settle();
+            w
         })
     }
 
