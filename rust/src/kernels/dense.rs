@@ -115,16 +115,6 @@ impl Panels {
         }
     }
 
-    /// Move the panels into huge-page regions (`kernels::huge`), once this weight is final: a decode step streams
-    /// them. The numbers are the same.
-    pub fn settle(&mut self) {
-        match &mut self.data {
-            PanelData::F32(d) => d.settle(),
-            PanelData::BF16(d) => d.settle(),
-            PanelData::F16(d) => d.settle(),
-        }
-    }
-
     /// Whether the panels hold f32 (and not a narrower width).
     pub fn is_f32(&self) -> bool {
         matches!(self.data, PanelData::F32(_))

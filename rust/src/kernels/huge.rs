@@ -26,7 +26,7 @@ const MIN_BYTES: usize = 64 << 10;
 /// Start of every buffer in a region, at least (a cache line).
 const ALIGN: usize = 64;
 
-/// Whether buffers move to huge-page regions (`CANDLEWICK_HUGE_PAGES=0` says no).
+/// Whether large buffers go to huge-page regions (`CANDLEWICK_HUGE_PAGES=0` says no).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| !matches!(std::env::var("CANDLEWICK_HUGE_PAGES").as_deref(), Ok("0" | "off" | "false")))
@@ -187,8 +187,8 @@ enum Repr<T> {
     Region { region: Arc<Region>, ptr: NonNull<T>, len: usize },
 }
 
-/// A buffer of plain numbers: in a huge-page region when it is large enough to matter and huge pages are on
-/// (`zeroed`, `settle`), else a Vec. Derefs to a slice.
+/// A buffer of plain numbers: made by `zeroed` (or `concat`), in a huge-page region when it is large enough to
+/// matter and huge pages are on, else a Vec (as `From<Vec>` makes it). Derefs to a slice.
 pub struct Buf<T: bytemuck::Pod> {
     repr: Repr<T>,
 }
@@ -229,14 +229,15 @@ impl<T: bytemuck::Pod> Buf<T> {
         Buf { repr: Repr::Region { region, ptr, len: n } }
     }
 
-    /// Move the elements into a region when `zeroed` would have put them there; else leave them on the heap.
-    /// The numbers are the same either way.
-    pub fn settle(&mut self) {
-        let Repr::Heap(v) = &self.repr else { return };
-        let Some((region, ptr)) = Self::in_region(v.len()) else { return };
-        // SAFETY: the range is this buffer's alone and holds v.len() elements; v is a live Vec, apart from it.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.as_ptr(), v.len()) };
-        self.repr = Repr::Region { region, ptr, len: v.len() };
+    /// The parts one after another, placed as `zeroed` places them (a fused projection from its parts).
+    pub fn concat(parts: &[&[T]]) -> Self {
+        let mut b = Self::zeroed(parts.iter().map(|p| p.len()).sum());
+        let mut at = 0;
+        for p in parts {
+            b[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        b
     }
 
     /// Whether the elements live in a huge-page region.
@@ -265,12 +266,6 @@ impl<T: bytemuck::Pod> Drop for Buf<T> {
 impl<T: bytemuck::Pod> From<Vec<T>> for Buf<T> {
     fn from(v: Vec<T>) -> Self {
         Buf { repr: Repr::Heap(v) }
-    }
-}
-
-impl<T: bytemuck::Pod> FromIterator<T> for Buf<T> {
-    fn from_iter<I: IntoIterator<Item = T>>(it: I) -> Self {
-        Buf::from(it.into_iter().collect::<Vec<T>>())
     }
 }
 
@@ -306,14 +301,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn settled_buffers_keep_their_numbers_and_their_own_ranges() {
+    fn buffers_keep_their_numbers_and_their_own_ranges() {
         // several buffers share a region; each keeps its numbers, and writing one leaves the others alone
-        let mut bufs: Vec<Buf<u32>> =
-            (0..5u32).map(|b| Buf::from((0..40_000u32).map(|i| i.wrapping_mul(2654435761) ^ b).collect::<Vec<_>>())).collect();
-        let want: Vec<Vec<u32>> = bufs.iter().map(|b| b.to_vec()).collect();
-        for b in &mut bufs {
-            b.settle();
-        }
+        let want: Vec<Vec<u32>> = (0..5u32).map(|b| (0..40_000u32).map(|i| i.wrapping_mul(2654435761) ^ b).collect()).collect();
+        let mut bufs: Vec<Buf<u32>> = want.iter().map(|w| Buf::concat(&[&w[..20_000], &w[20_000..]])).collect();
         if enabled() {
             assert!(bufs.iter().all(Buf::is_in_region));
             assert!(bufs.windows(2).all(|w| (w[0].as_ptr() as usize).is_multiple_of(ALIGN) && w[0].as_ptr() != w[1].as_ptr()));
@@ -327,12 +318,11 @@ mod tests {
             }
         }
         // a small buffer stays on the heap; a large one gets a region of its own
-        let mut small = Buf::from(vec![1u8; 100]);
-        small.settle();
-        assert!(!small.is_in_region());
-        let mut large = Buf::from(vec![3u16; REGION / 2 / 2 + 1]);
-        large.settle();
+        let small = Buf::<u8>::zeroed(100);
+        assert!(!small.is_in_region() && small.iter().all(|&x| x == 0));
+        let mut large = Buf::<u16>::zeroed(REGION / 2 / 2 + 1);
         assert_eq!(large.is_in_region(), enabled());
+        large.fill(3);
         assert!(large.iter().all(|&x| x == 3));
         assert_eq!(bufs.pop().unwrap().into_vec(), want[4]);
     }

@@ -8,7 +8,7 @@
 //! - `attention`: blocked causal attention without a score tensor;
 //! - `act`: vectorised GELU, SiLU, SwiGLU and the softmax exponentials;
 //! - `team`: every thread on one job in stages with barriers between (the decode step);
-//! - `huge`: the buffers weights live in, moved into huge-page regions once a layer has them.
+//! - `huge`: the buffers weights are packed into, in huge-page regions.
 //!
 //! The layers that hold weights and call these (and fall back to Candle elsewhere) live in `crate::nn`.
 

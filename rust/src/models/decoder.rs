@@ -63,12 +63,7 @@ impl Source<'_> {
     /// Projections of one input stored as one matrix (their weights [out_i, inp] stacked in the order given),
     /// with biases `{name}.bias` when `bias`. `conv1d`: a safetensors checkpoint stores the weights [inp, out_i]
     /// (GPT-2's Conv1D), transposed here once.
-    /// The weights end in huge-page regions (`Linear::settled`).
     pub fn proj(&self, parts: &[(&str, usize)], inp: usize, bias: bool, conv1d: bool) -> Result<Linear> {
-        Ok(self.proj_in_place(parts, inp, bias, conv1d)?.settled())
-    }
-
-    fn proj_in_place(&self, parts: &[(&str, usize)], inp: usize, bias: bool, conv1d: bool) -> Result<Linear> {
         let bias_of = |n: &str, o: usize| -> Result<Option<Tensor>> {
             if bias { Ok(Some(self.dense(&format!("{n}.bias"), &[o])?)) } else { Ok(None) }
         };
@@ -672,5 +667,5 @@ fn per_head_qkv(src: &Source, name: &str, h: usize, d: usize, c: usize, bias: bo
     };
     let weight = reorder(w.get(&format!("{name}.weight"), &[3 * h * d, c], *dtype)?, &[c])?;
     let b = if bias { Some(reorder(w.get(&format!("{name}.bias"), &[3 * h * d], *act)?, &[])?) } else { None };
-    Ok(Linear::new(weight, b, *quant)?.settled())
+    Linear::new(weight, b, *quant)
 }

@@ -119,28 +119,6 @@ impl Linear {
         Ok(Linear::Split(parts))
     }
 
-    /// This layer with its weights moved into huge-page regions (`kernels::huge`): called once a projection is
-    /// final (after `fuse`, whose parts are copied into a new matrix), so that no region keeps a part's copy.
-    /// A weight shared with something else (a tied table already holding it) stays where it is.
-    pub fn settled(self) -> Linear {
-        match self {
-            Linear::Blocks(mut w, b) => {
-                if let Some(w) = Arc::get_mut(&mut w) {
-                    w.settle();
-                }
-                Linear::Blocks(w, b)
-            }
-            Linear::Dense(mut d) => {
-                if let Some(p) = d.panels.as_mut().and_then(Arc::get_mut) {
-                    p.settle();
-                }
-                Linear::Dense(d)
-            }
-            Linear::Split(parts) => Linear::Split(parts.into_iter().map(Linear::settled).collect()),
-            q @ Linear::Quant(..) => q,
-        }
-    }
-
     /// A dense weight [out, in] at its dtype (the CPU kernels keep it at that width).
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Linear::Dense(Dense::new(weight, bias)?))

@@ -105,8 +105,7 @@ fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usiz
             (Some(dt), _) => crate::nn::Linear::dense(w.to_dtype(dt)?, None)?,
             (_, Some(q)) => crate::nn::Linear::from_qtensor(QTensor::quantize(&w, q)?, None)?,
             _ => unreachable!("one of the two is set"),
-        }
-        .settled(); // in huge pages, as a model's weights are
+        };
         drop(w);
         let x = Tensor::randn(0f32, 1.0, (rows.max(1), inp), &Device::Cpu)?;
         crate::device::on_workers(|| -> crate::Result<f64> {

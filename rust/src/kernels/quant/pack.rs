@@ -46,29 +46,17 @@ impl Scales {
 
     pub(super) fn concat(parts: &[&Scales]) -> Scales {
         match parts[0] {
-            Scales::F16(_) => Scales::F16(parts.iter().flat_map(|s| if let Scales::F16(v) = s { v.to_vec() } else { vec![] }).collect()),
+            Scales::F16(_) => {
+                Scales::F16(Buf::concat(&parts.iter().filter_map(|s| if let Scales::F16(v) = s { Some(&v[..]) } else { None }).collect::<Vec<_>>()))
+            }
             &Scales::Sub { signed, spb, .. } => {
-                let (mut ints, mut sup) = (vec![], vec![]);
-                for s in parts {
-                    if let Scales::Sub { ints: i, sup: u, .. } = s {
-                        ints.extend_from_slice(i);
-                        sup.extend_from_slice(u);
-                    }
-                }
-                Scales::Sub { ints: ints.into(), sup: sup.into(), signed, spb }
+                let subs: Vec<(&[u8], &[u16])> =
+                    parts.iter().filter_map(|s| if let Scales::Sub { ints, sup, .. } = s { Some((&ints[..], &sup[..])) } else { None }).collect();
+                let ints = Buf::concat(&subs.iter().map(|s| s.0).collect::<Vec<_>>());
+                let sup = Buf::concat(&subs.iter().map(|s| s.1).collect::<Vec<_>>());
+                Scales::Sub { ints, sup, signed, spb }
             }
             Scales::None => Scales::None,
-        }
-    }
-
-    fn settle(&mut self) {
-        match self {
-            Scales::F16(v) => v.settle(),
-            Scales::Sub { ints, sup, .. } => {
-                ints.settle();
-                sup.settle();
-            }
-            Scales::None => {}
         }
     }
 }
@@ -100,7 +88,7 @@ impl QWeight {
         // the 32-block formats' scales and mins (the K-quants' go into the four arrays after)
         let mut d = vec![0f32; if k { 0 } else { groups * nb * spb * ROWS }];
         let mut m = vec![0f32; if kind.has_min() && !k { groups * nb * ROWS } else { 0 }];
-        // (the repacked rows and the K-quants' scales go straight into huge-page regions: `kernels::huge`)
+        // (the repacked rows and every scale go straight into huge-page regions: `kernels::huge`)
         let (mut d_int, mut d_sup) = (Buf::<u8>::zeroed(if k { groups * nb * spb * ROWS } else { 0 }), Buf::<u16>::zeroed(if k { groups * nb / 8 * ROWS } else { 0 }));
         let (mut m_int, mut m_sup) = (Buf::<u8>::zeroed(if k && kind.has_min() { groups * nb * ROWS } else { 0 }), Buf::<u16>::zeroed(if k && kind.has_min() { groups * nb / 8 * ROWS } else { 0 }));
         let (mut sc, mut mn) = (Vec::with_capacity(16), Vec::with_capacity(8));
@@ -167,7 +155,9 @@ impl QWeight {
                 Scales::None
             } else {
                 // exact: these came from the file's f16
-                Scales::F16(v.iter().map(|&x| f16::from_f32(x).to_bits()).collect())
+                let mut bits = Buf::zeroed(v.len());
+                bits.iter_mut().zip(&v).for_each(|(b, &x)| *b = f16::from_f32(x).to_bits());
+                Scales::F16(bits)
             }
         };
         let (d, m) = if k {
@@ -177,17 +167,7 @@ impl QWeight {
         } else {
             (pack(d), pack(m))
         };
-        let mut w = Self { kind, out, inp, nb, groups, d, m, qs };
-        w.settle();
-        w
-    }
-
-    /// Move the repacked rows and scales into huge-page regions (`kernels::huge`), once this weight is final:
-    /// a decode step streams them, and 2 MiB pages stream faster than 4 KiB ones. The numbers are the same.
-    pub fn settle(&mut self) {
-        self.qs.settle();
-        self.d.settle();
-        self.m.settle();
+        Self { kind, out, inp, nb, groups, d, m, qs }
     }
 
     /// The rows of several weights of one format and input size, in order, as one weight; None when they differ
@@ -206,19 +186,7 @@ impl QWeight {
             groups: parts.iter().map(|w| w.groups).sum(),
             d: Scales::concat(&parts.iter().map(|w| &w.d).collect::<Vec<_>>()),
             m: Scales::concat(&parts.iter().map(|w| &w.m).collect::<Vec<_>>()),
-            qs: {
-                let mut qs = Buf::zeroed(parts.iter().map(|w| w.qs.len()).sum());
-                let mut at = 0;
-                for w in parts {
-                    qs[at..at + w.qs.len()].copy_from_slice(&w.qs);
-                    at += w.qs.len();
-                }
-                qs
-            },
-        })
-        .map(|mut w| {
-            w.settle();
-            w
+            qs: Buf::concat(&parts.iter().map(|w| &w.qs[..]).collect::<Vec<_>>()),
         })
     }
 
