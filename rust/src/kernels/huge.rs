@@ -39,11 +39,14 @@ struct Region {
     space: Mutex<Space>,
 }
 
-/// The bytes of a region given out: all below `top` but the `free` ranges (start, len), sorted and apart.
+/// The bytes of a region given out: all below `top` but the `free` ranges (start, len), sorted and apart. No
+/// byte at or above `clean` was ever given out: those are still the zeros the system mapped, and no page of
+/// them is committed.
 #[derive(Default)]
 struct Space {
     top: usize,
     free: Vec<(usize, usize)>,
+    clean: usize,
 }
 
 impl Space {
@@ -74,6 +77,15 @@ impl Space {
         }
         self.top = at + bytes;
         Some(at)
+    }
+
+    /// `take`, and how many of the bytes from the offset on may hold an earlier buffer's numbers (the rest are
+    /// the mapping's own zeros).
+    fn take_zeroed(&mut self, bytes: usize, cap: usize) -> Option<(usize, usize)> {
+        let at = self.take(bytes, cap)?;
+        let dirty = self.clean.saturating_sub(at).min(bytes);
+        self.clean = self.clean.max(at + bytes);
+        Some((at, dirty))
     }
 
     /// Give back [at, at + bytes), merged with the free ranges beside it (and into the top when it ends there).
@@ -159,27 +171,27 @@ impl Drop for Region {
 /// long as the process.
 static CURRENT: Mutex<Option<Weak<Region>>> = Mutex::new(None);
 
-/// Room for `bytes` in a region: the region and the offset. The space a buffer gives back when it goes is
-/// taken again by later ones (the parts of a fused projection, copied into it and dropped, make room for the
-/// next layer's parts).
-fn place(bytes: usize) -> Option<(Arc<Region>, usize)> {
+/// Room for `bytes` in a region: the region, the offset, and how many of the bytes may hold an earlier buffer's
+/// numbers (`Space::take_zeroed`). The space a buffer gives back when it goes is taken again by later ones (the
+/// parts of a fused projection, copied into it and dropped, make room for the next layer's parts).
+fn place(bytes: usize) -> Option<(Arc<Region>, usize, usize)> {
     if bytes > REGION / 4 {
         // a region of its own; the shared one stays current for the small buffers
         let r = Arc::new(Region::map(bytes.next_multiple_of(HUGE))?);
-        r.space().top = bytes;
-        return Some((r, 0));
+        let (at, dirty) = r.space().take_zeroed(bytes, r.len)?;
+        return Some((r, at, dirty));
     }
     let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(r) = current.as_ref().and_then(Weak::upgrade) {
-        let at = r.space().take(bytes, r.len);
-        if let Some(at) = at {
-            return Some((r, at));
+        let got = r.space().take_zeroed(bytes, r.len);
+        if let Some((at, dirty)) = got {
+            return Some((r, at, dirty));
         }
     }
     let r = Arc::new(Region::map(REGION)?);
-    let at = r.space().take(bytes, r.len)?;
+    let (at, dirty) = r.space().take_zeroed(bytes, r.len)?;
     *current = Some(Arc::downgrade(&r));
-    Some((r, at))
+    Some((r, at, dirty))
 }
 
 enum Repr<T> {
@@ -199,33 +211,37 @@ unsafe impl<T: bytemuck::Pod + Send> Send for Buf<T> {}
 unsafe impl<T: bytemuck::Pod + Sync> Sync for Buf<T> {}
 
 impl<T: bytemuck::Pod> Buf<T> {
-    /// A range of a region for `n` elements, when huge pages are on and it is large enough.
-    fn in_region(n: usize) -> Option<(Arc<Region>, NonNull<T>)> {
+    /// A range of a region for `n` elements, when huge pages are on and it is large enough, and how many of its
+    /// first bytes may hold an earlier buffer's numbers (the rest are zero and untouched: no page committed).
+    fn in_region(n: usize) -> Option<(Arc<Region>, NonNull<T>, usize)> {
         let bytes = n.checked_mul(std::mem::size_of::<T>())?;
         if bytes < MIN_BYTES || !enabled() || std::mem::align_of::<T>() > ALIGN {
             return None;
         }
-        let (region, at) = place(bytes)?;
+        let (region, at, dirty) = place(bytes)?;
         // SAFETY: [at, at + bytes) is inside the mapping (place checks it against the region's length) and
         // aligned for T (ALIGN is a multiple of T's alignment, checked above).
         let ptr = unsafe { NonNull::new_unchecked(region.base.as_ptr().add(at) as *mut T) };
-        Some((region, ptr))
+        Some((region, ptr, dirty))
     }
 
     /// `n` zeros, straight in a region where one is to be had (the weights are then packed in place, never
-    /// held twice).
+    /// held twice). Only space an earlier buffer held is written with zeros: the rest is the mapping's own, and
+    /// its pages are committed as they are first written (a KV pool's as positions are reached), as a large
+    /// zeroed Vec's are.
     pub fn zeroed(n: usize) -> Self {
         match Self::in_region(n) {
-            Some((region, ptr)) => Self::zeros_at(region, ptr, n),
+            Some((region, ptr, dirty)) => Self::zeros_at(region, ptr, n, dirty),
             None => Buf { repr: Repr::Heap(vec![T::zeroed(); n]) },
         }
     }
 
-    /// The buffer of the `n` elements at `ptr` in `region`, zeroed.
-    fn zeros_at(region: Arc<Region>, ptr: NonNull<T>, n: usize) -> Self {
-        // SAFETY: the range is this buffer's alone (place hands each byte to one buffer at a time) and zero bits
-        // are a valid T (Pod); a range given back and taken again may hold old bytes.
-        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, n) };
+    /// The buffer of the `n` elements at `ptr` in `region`, whose first `dirty` bytes may hold an earlier
+    /// buffer's numbers (the rest are the mapping's zeros).
+    fn zeros_at(region: Arc<Region>, ptr: NonNull<T>, n: usize, dirty: usize) -> Self {
+        // SAFETY: the range is this buffer's alone (place hands each byte to one buffer at a time), `dirty` is at
+        // most its length in bytes, and zero bits are a valid T (Pod).
+        unsafe { std::ptr::write_bytes(ptr.as_ptr() as *mut u8, 0, dirty.min(n * std::mem::size_of::<T>())) };
         Buf { repr: Repr::Region { region, ptr, len: n } }
     }
 
@@ -332,16 +348,19 @@ mod tests {
         // a region of the test's own (the shared one is used by other tests' weights at the same time)
         let Some(region) = Region::map(REGION).map(Arc::new) else { return };
         let make = |fill: u32| {
-            let at = region.space().take(40_000 * 4, region.len).expect("room in a fresh region");
+            let (at, dirty) = region.space().take_zeroed(40_000 * 4, region.len).expect("room in a fresh region");
             // SAFETY: at + 160 000 bytes lie in the region (take checked), aligned for u32.
             let ptr = unsafe { NonNull::new_unchecked(region.base.as_ptr().add(at) as *mut u32) };
-            let mut b = Buf::zeros_at(region.clone(), ptr, 40_000);
-            b.fill(fill);
+            let mut b = Buf::zeros_at(region.clone(), ptr, 40_000, dirty);
+            if fill != 0 {
+                b.fill(fill);
+            }
             b
         };
         let (a, b, c) = (make(1), make(2), make(3));
         let at = b.as_ptr();
         drop(b);
+        // the space b held (its 2s) is zeroed for the buffer that takes it
         let again = make(0);
         assert_eq!(again.as_ptr(), at);
         assert!(again.iter().all(|&x| x == 0));
@@ -350,6 +369,22 @@ mod tests {
         // everything given back: the region's space is empty again
         let space = region.space();
         assert_eq!((space.top, space.free.len()), (0, 0));
+    }
+
+    /// Only bytes some buffer held before count as dirty: fresh space is the mapping's zeros, left untouched.
+    #[test]
+    fn only_space_held_before_is_dirty() {
+        let mut s = Space::default();
+        let cap = 1 << 20;
+        assert_eq!(s.take_zeroed(1000, cap), Some((0, 0)));
+        assert_eq!(s.take_zeroed(1000, cap), Some((1024, 0)));
+        s.give(0, 1000);
+        // the first range again: all 1000 bytes held before; then 24 + 1000 of which 0 were held
+        assert_eq!(s.take_zeroed(1000, cap), Some((0, 1000)));
+        assert_eq!(s.take_zeroed(1000, cap), Some((2048, 0)));
+        // the top given back and taken again, longer: only the part below the old top was held
+        s.give(2048, 1000);
+        assert_eq!(s.take_zeroed(2000, cap), Some((2048, 1000)));
     }
 
     #[test]

@@ -345,7 +345,7 @@ impl Decoder {
             }
             Some(HostKv::F16(pk, pv)) => {
                 let len = pk.first().map_or(0, |b| b.len());
-                let p = |b: &mut Vec<f16>| SendPtr(b.as_mut_ptr() as *mut f32);
+                let p = |b: &mut crate::kernels::huge::Buf<f16>| SendPtr(b.as_mut_ptr() as *mut f32);
                 (pk.iter_mut().map(p).collect(), pv.iter_mut().map(p).collect(), len, true)
             }
             None => return Ok(None),

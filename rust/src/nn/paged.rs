@@ -21,6 +21,7 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::error::{Error, Result};
 use crate::kernels::attention::Pool;
+use crate::kernels::huge::Buf;
 use crate::ops;
 
 /// No parent: the first block of a sequence.
@@ -44,15 +45,15 @@ pub struct PrefixStats {
 /// Keys and values of every layer: f32 or f16 arrays in memory on the CPU (which the kernels read and write in
 /// place), tensors elsewhere.
 enum Store {
-    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
-    HostF16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+    Host { k: Vec<Buf<f32>>, v: Vec<Buf<f32>> },
+    HostF16 { k: Vec<Buf<f16>>, v: Vec<Buf<f16>> },
     Device { k: Vec<Tensor>, v: Vec<Tensor> },
 }
 
 /// Every layer's keys and values [S, Hkv·D] in memory, to write in place: (keys, values) by layer.
 pub enum HostKv<'a> {
-    F32(&'a mut [Vec<f32>], &'a mut [Vec<f32>]),
-    F16(&'a mut [Vec<f16>], &'a mut [Vec<f16>]),
+    F32(&'a mut [Buf<f32>], &'a mut [Buf<f32>]),
+    F16(&'a mut [Buf<f16>], &'a mut [Buf<f16>]),
 }
 
 /// One layer's keys and values [S, Hkv·D], as `KvPool::layer` lends them.
@@ -92,11 +93,13 @@ impl KvPool {
         }
         let slots = num_blocks * block_size;
         let store = if device.is_cpu() && dtype == DType::F32 {
-            // zeroed by the allocator: pages no sequence reaches are never touched
-            let zeros = || vec![0f32; slots * width];
+            // zeroed by the system: pages no sequence reaches are never touched. An array over 16 MiB is a mapping
+            // of its own in huge pages (kernels/huge.rs): a decode step at a long context reads its keys and
+            // values at the rate of the weights
+            let zeros = || Buf::<f32>::zeroed(slots * width);
             Store::Host { k: (0..layers).map(|_| zeros()).collect(), v: (0..layers).map(|_| zeros()).collect() }
         } else if device.is_cpu() && dtype == DType::F16 {
-            let zeros = || vec![f16::ZERO; slots * width];
+            let zeros = || Buf::<f16>::zeroed(slots * width);
             Store::HostF16 { k: (0..layers).map(|_| zeros()).collect(), v: (0..layers).map(|_| zeros()).collect() }
         } else {
             let zeros = || Tensor::zeros((slots, width), dtype, device);
@@ -304,7 +307,7 @@ impl KvPool {
 }
 
 /// Block `src` of every array into block `dst` (blocks of `n` values).
-fn copy_host_block<'a, T: Copy + 'a>(bufs: impl Iterator<Item = &'a mut Vec<T>>, n: usize, src: u32, dst: u32) {
+fn copy_host_block<'a, T: bytemuck::Pod + 'a>(bufs: impl Iterator<Item = &'a mut Buf<T>>, n: usize, src: u32, dst: u32) {
     for buf in bufs {
         buf.copy_within(src as usize * n..(src as usize + 1) * n, dst as usize * n);
     }
