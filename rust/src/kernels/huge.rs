@@ -7,6 +7,9 @@
 //! regions of 64 MiB (a tensor larger than 16 MiB gets one of its own), mapped 2 MiB-aligned and marked for
 //! huge pages before anything touches them. The space a buffer gives back is taken again by later ones (the
 //! parts of a fused projection, once copied into it), and a region is unmapped when the last buffer in it goes.
+//! The CPU KV pool's arrays live here too: at a long context a decode step streams its keys and values as it
+//! streams the weights. Space no buffer has held is the mapping's own zeros and is not written when handed out,
+//! so a pool's pages are committed only as positions reach them.
 //!
 //! Nothing here changes a number: a `Buf` is a slice wherever it lives. Where the system gives no huge pages
 //! (`never`, no free 2 MiB pages, not Linux) the regions are ordinary pages. `CANDLEWICK_HUGE_PAGES=0` keeps
