@@ -40,6 +40,82 @@ thread_local! {
 /// Queries per task.
 const QBLOCK: usize = 64;
 
+/// What a pool's keys and values are: f32, or f16 read as the f32 each widens to exactly (so an f16 pool read in
+/// place gives the numbers of the same pool widened first).
+pub(crate) trait KvElem: Copy + Sync + 'static {
+    const F32: bool;
+    fn get(self) -> f32;
+    /// acc[l] += p · v[l] for the widened values, one chain per lane (`axpy`).
+    fn axpy(acc: &mut [f32], p: f32, v: &[Self]);
+    /// v[..64] widened.
+    ///
+    /// # Safety
+    /// For f16: the CPU has AVX-512 F (the f16 block runs only there).
+    unsafe fn row64(v: &[Self]) -> [f32; 64];
+    /// 16 values at p, widened.
+    ///
+    /// # Safety
+    /// AVX-512 F; 16 readable values at p.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    const F32: bool = true;
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+        axpy(acc, p, v)
+    }
+    #[inline(always)]
+    unsafe fn row64(v: &[f32]) -> [f32; 64] {
+        v[..64].try_into().unwrap()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for f16 {
+    const F32: bool = false;
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn axpy(acc: &mut [f32], p: f32, v: &[f16]) {
+        acc.iter_mut().zip(v).for_each(|(a, &x)| *a = p.mul_add(x.to_f32(), *a));
+    }
+    #[inline(always)]
+    unsafe fn row64(v: &[f16]) -> [f32; 64] {
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(v.len() >= 64);
+            let mut out = [0f32; 64];
+            for c in 0..4 {
+                // SAFETY: AVX-512 F (the caller's); 16 values of v at 16c (v holds 64).
+                unsafe { std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr().add(16 * c), Self::load16(v.as_ptr().add(16 * c))) };
+            }
+            out
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        std::array::from_fn(|l| v[l].to_f32())
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's (AVX-512 F, 16 values at p: 32 bytes).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
 /// Strides (in elements) of a rank-4 [B, H, T, D] view whose rows of D are contiguous, with its start offset.
 fn strides4(l: &Layout) -> Option<([usize; 3], usize)> {
     let s = l.stride();
@@ -303,9 +379,10 @@ impl<'a> Paged<'a> {
         self.tasks.is_empty()
     }
 
-    /// Task `i`: its rows of `out` from `qd` [H, N, D] and the pool's keys and values. An f16 pool's keys and
-    /// values of the task's group are widened to f32 into a buffer of the thread's first (one contiguous run),
-    /// so every number is the one an f32 pool holding the same values gives.
+    /// Task `i`: its rows of `out` from `qd` [H, N, D] and the pool's keys and values. An f16 pool is read in
+    /// place on AVX-512 for a head size that is a multiple of 64, each key and value widened in registers;
+    /// elsewhere the keys and values of the task's group are widened to f32 into a buffer of the thread's first
+    /// (one contiguous run). Either way every number is the one an f32 pool holding the same values gives.
     ///
     /// # Safety
     /// `qd` and `out` hold [H, N, D] for the N and H of `new`, the pools `pool_len` values each; no other thread
@@ -314,28 +391,42 @@ impl<'a> Paged<'a> {
     pub unsafe fn run(&self, i: usize, qd: &[f32], pool: Pool, out: *mut f32) {
         match pool {
             // SAFETY: the caller's.
-            Pool::F32(kd, vd) => unsafe { self.run_f32(i, qd, kd, vd, out) },
-            Pool::F16(kd, vd) => WIDENED.with(|buf| {
-                let (kw, vw) = &mut *buf.borrow_mut();
-                let (d, width) = (self.d, self.width);
-                let segs = self.segs(i);
-                let total: usize = segs.iter().map(|s| s.len).sum();
-                kw.resize(total * d, 0.0);
-                vw.resize(total * d, 0.0);
-                prefetch_rows(kd, vd, &segs, width, d);
-                let mut at = 0;
-                for seg in &segs {
-                    for j in 0..seg.len {
-                        kd[seg.k + j * width..][..d].convert_to_f32_slice(&mut kw[at..at + d]);
-                        vd[seg.v + j * width..][..d].convert_to_f32_slice(&mut vw[at..at + d]);
-                        at += d;
-                    }
-                }
-                let one = [Seg { k: 0, v: 0, len: total }];
-                // SAFETY: the caller's, with the keys and values of the task's segments in kw, vw, d apart.
-                unsafe { self.run_on(i, qd, &Kv { k: kw, k_rs: d, v: vw, v_rs: d, segs: &one }, out) }
-            }),
+            Pool::F32(kd, vd) => unsafe { self.run_pool(i, qd, kd, vd, out) },
+            // read in place, widened in registers as the walk goes (AVX-512, a head size of whole rows of 64)
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the caller's.
+            Pool::F16(kd, vd) if super::cpu::isa() >= super::cpu::Isa::Avx512 && self.d.is_multiple_of(64) => unsafe { self.run_pool(i, qd, kd, vd, out) },
+            // SAFETY: the caller's.
+            Pool::F16(kd, vd) => unsafe { self.run_widened(i, qd, kd, vd, out) },
         }
+    }
+
+    /// `run` for an f16 pool whose keys and values are widened first: the task's group's, into a buffer of
+    /// the thread's (one contiguous run).
+    ///
+    /// # Safety
+    /// As for `run`.
+    unsafe fn run_widened(&self, i: usize, qd: &[f32], kd: &[f16], vd: &[f16], out: *mut f32) {
+        WIDENED.with(|buf| {
+            let (kw, vw) = &mut *buf.borrow_mut();
+            let (d, width) = (self.d, self.width);
+            let segs = self.segs(i);
+            let total: usize = segs.iter().map(|s| s.len).sum();
+            kw.resize(total * d, 0.0);
+            vw.resize(total * d, 0.0);
+            prefetch_rows(kd, vd, &segs, width, d);
+            let mut at = 0;
+            for seg in &segs {
+                for j in 0..seg.len {
+                    kd[seg.k + j * width..][..d].convert_to_f32_slice(&mut kw[at..at + d]);
+                    vd[seg.v + j * width..][..d].convert_to_f32_slice(&mut vw[at..at + d]);
+                    at += d;
+                }
+            }
+            let one = [Seg { k: 0, v: 0, len: total }];
+            // SAFETY: the caller's, with the keys and values of the task's segments in kw, vw, d apart.
+            unsafe { self.run_on(i, qd, &Kv { k: kw, k_rs: d, v: vw, v_rs: d, segs: &one }, out) }
+        })
     }
 
     /// Task `i`'s query rows, the position of its sequence's first query, and the positions kstart..kend of the
@@ -374,8 +465,8 @@ impl<'a> Paged<'a> {
     }
 
     /// # Safety
-    /// As for `run`, with an f32 pool.
-    unsafe fn run_f32(&self, i: usize, qd: &[f32], kd: &[f32], vd: &[f32], out: *mut f32) {
+    /// As for `run`; for an f16 pool, AVX-512 F.
+    unsafe fn run_pool<T: KvElem>(&self, i: usize, qd: &[f32], kd: &[T], vd: &[T], out: *mut f32) {
         let segs = self.segs(i);
         // SAFETY: the caller's.
         unsafe { self.run_on(i, qd, &Kv { k: kd, k_rs: self.width, v: vd, v_rs: self.width, segs: &segs }, out) }
@@ -383,7 +474,7 @@ impl<'a> Paged<'a> {
 
     /// # Safety
     /// As for `run`, with the task's keys and values in `kv`.
-    unsafe fn run_on(&self, i: usize, qd: &[f32], kv: &Kv, out: *mut f32) {
+    unsafe fn run_on<T: KvElem>(&self, i: usize, qd: &[f32], kv: &Kv<T>, out: *mut f32) {
         let (si, g, i0, h0, heads) = self.tasks[i];
         let (n, d, window) = (self.n, self.d, self.window);
         let s = &self.seqs[si];
@@ -445,10 +536,10 @@ struct Seg {
 
 /// The keys and values one block of queries sees, in order: runs of rows (each row D contiguous) in `k` and `v`,
 /// consecutive rows of a run `k_rs` / `v_rs` apart. A contiguous cache is one run; a paged one, a run per block.
-struct Kv<'a> {
-    k: &'a [f32],
+struct Kv<'a, T = f32> {
+    k: &'a [T],
     k_rs: usize,
-    v: &'a [f32],
+    v: &'a [T],
     v_rs: usize,
     segs: &'a [Seg],
 }
@@ -487,7 +578,7 @@ const VT: usize = 64;
 /// q holds every row of `rg` (rows `mask_rs` apart in `mask`); o has room for them; the runs of `kv` lie inside
 /// its slices; no other thread touches the rows of o this block writes.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+unsafe fn block<T: KvElem>(q: &[f32], rg: &Rows, kv: &Kv<T>, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     {
         let isa = super::cpu::isa();
@@ -495,11 +586,13 @@ unsafe fn block(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>,
             // SAFETY: the CPU has AVX-512 F (the Avx512 level); the rest is the caller's.
             return unsafe { block_avx512(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
         }
+        assert!(T::F32, "an f16 pool is read in place on AVX-512 only");
         if isa >= super::cpu::Isa::Avx2 {
             // SAFETY: the CPU has AVX2 and FMA (the Avx2 level); the rest is the caller's.
             return unsafe { block_avx2(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
         }
     }
+    assert!(T::F32, "an f16 pool is read in place on AVX-512 only");
     // SAFETY: the caller's.
     unsafe { block_generic(q, rg, kv, span, mask, mask_rs, scale, softcap, o) }
 }
@@ -507,7 +600,7 @@ unsafe fn block(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>,
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+unsafe fn block_avx512<T: KvElem>(q: &[f32], rg: &Rows, kv: &Kv<T>, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
     // SAFETY: the caller's.
     unsafe { block_generic(q, rg, kv, span, mask, mask_rs, scale, softcap, o) }
 }
@@ -515,7 +608,7 @@ unsafe fn block_avx512(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+unsafe fn block_avx2<T: KvElem>(q: &[f32], rg: &Rows, kv: &Kv<T>, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
     // SAFETY: the caller's.
     unsafe { block_generic(q, rg, kv, span, mask, mask_rs, scale, softcap, o) }
 }
@@ -526,18 +619,18 @@ const LANES: usize = 16;
 /// q · k: 16 lanes of fused multiply-adds over D (the tail padded with zeros), then the lanes summed in a fixed
 /// tree (lane l += lane l + w for w = 8, 4, 2, 1). The vector versions in `dots` compute exactly these numbers.
 #[inline(always)]
-fn dot(q: &[f32], k: &[f32]) -> f32 {
+fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
     let mut acc = [0f32; LANES];
     let (qc, kc) = (q.chunks_exact(LANES), k[..q.len()].chunks_exact(LANES));
     let (qr, kr) = (qc.remainder(), kc.remainder());
     for (a, b) in qc.zip(kc) {
         for l in 0..LANES {
-            acc[l] = a[l].mul_add(b[l], acc[l]);
+            acc[l] = a[l].mul_add(b[l].get(), acc[l]);
         }
     }
     if !qr.is_empty() {
         for l in 0..LANES {
-            let (a, b) = if l < qr.len() { (qr[l], kr[l]) } else { (0.0, 0.0) };
+            let (a, b) = if l < qr.len() { (qr[l], kr[l].get()) } else { (0.0, 0.0) };
             acc[l] = a.mul_add(b, acc[l]);
         }
     }
@@ -554,7 +647,7 @@ fn dot(q: &[f32], k: &[f32]) -> f32 {
 /// out[j] = scale · q · k_j for the keys k_j = k[j·k_rs ..][..D], j < out.len(): `dot` for each, 16 (AVX-512) or 8
 /// (AVX2) keys at a time whose lane sums are reduced together, the rest one by one.
 #[inline(always)]
-fn dots(q: &[f32], k: &[f32], k_rs: usize, scale: f32, out: &mut [f32]) {
+fn dots<T: KvElem>(q: &[f32], k: &[T], k_rs: usize, scale: f32, out: &mut [f32]) {
     let n = out.len();
     let d = q.len();
     assert!(n == 0 || k.len() >= (n - 1) * k_rs + d);
@@ -562,16 +655,18 @@ fn dots(q: &[f32], k: &[f32], k_rs: usize, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         let isa = super::cpu::isa();
-        if isa >= super::cpu::Isa::Avx512 {
+        // an f16 key's tail of D would need a masked 16-bit load: f16 keys come here with D a multiple of 16
+        if isa >= super::cpu::Isa::Avx512 && (T::F32 || d.is_multiple_of(LANES)) {
             while j + 16 <= n {
                 // SAFETY: AVX-512 F is there (the Avx512 level); keys j..j+16 lie inside k (asserted above).
                 unsafe { simd::dots16(q, k.as_ptr().add(j * k_rs), k_rs, scale, out.as_mut_ptr().add(j)) };
                 j += 16;
             }
-        } else if isa >= super::cpu::Isa::Avx2 {
+        } else if isa >= super::cpu::Isa::Avx2 && T::F32 {
             while j + 8 <= n {
-                // SAFETY: AVX2 and FMA are there (the Avx2 level); keys j..j+8 lie inside k (asserted above).
-                unsafe { simd::dots8(q, k.as_ptr().add(j * k_rs), k_rs, scale, out.as_mut_ptr().add(j)) };
+                // SAFETY: AVX2 and FMA are there (the Avx2 level); keys j..j+8 lie inside k (asserted above), f32
+                // (T::F32).
+                unsafe { simd::dots8(q, k.as_ptr().add(j * k_rs) as *const f32, k_rs, scale, out.as_mut_ptr().add(j)) };
                 j += 8;
             }
         }
@@ -588,12 +683,13 @@ fn dots(q: &[f32], k: &[f32], k_rs: usize, scale: f32, out: &mut [f32]) {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::LANES;
+    use super::{KvElem, LANES};
 
     /// # Safety
-    /// AVX-512 F; 16 keys of q.len() elements at k, k + k_rs, ...; 16 writable floats at out.
+    /// AVX-512 F; 16 keys of q.len() elements at k, k + k_rs, ...; 16 writable floats at out; for f16 keys,
+    /// q.len() a multiple of 16.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn dots16(q: &[f32], k: *const f32, k_rs: usize, scale: f32, out: *mut f32) {
+    pub(super) unsafe fn dots16<T: KvElem>(q: &[f32], k: *const T, k_rs: usize, scale: f32, out: *mut f32) {
         // SAFETY: the caller's; loads stay inside each key's d elements (masked at the tail).
         unsafe {
             let d = q.len();
@@ -602,11 +698,13 @@ mod simd {
             while c + LANES <= d {
                 let qv = _mm512_loadu_ps(q.as_ptr().add(c));
                 for j in 0..16 {
-                    a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k.add(j * k_rs + c)), a[j]);
+                    a[j] = _mm512_fmadd_ps(qv, T::load16(k.add(j * k_rs + c)), a[j]);
                 }
                 c += LANES;
             }
             if c < d {
+                assert!(T::F32, "f16 keys of a whole number of 16 values");
+                let k = k as *const f32;
                 let m: __mmask16 = (1u32 << (d - c)) as u16 - 1;
                 let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c));
                 for j in 0..16 {
@@ -723,8 +821,8 @@ const AHEAD: usize = 2 * VT;
 /// each row a third or less of a pool row (one KV head's part), too short and scattered for the hardware's
 /// prefetchers. Asking for every row up front (as an earlier build did) queued thousands of misses before the
 /// first dot product, and the walk then waited on them. A prefetch is a hint: it changes no number and never faults.
-struct Ahead<'a> {
-    kv: &'a Kv<'a>,
+struct Ahead<'a, T> {
+    kv: &'a Kv<'a, T>,
     d: usize,
     /// the run and the row in it to ask for next, and how many keys were asked for
     seg: usize,
@@ -732,8 +830,8 @@ struct Ahead<'a> {
     asked: usize,
 }
 
-impl<'a> Ahead<'a> {
-    fn new(kv: &'a Kv<'a>, d: usize) -> Self {
+impl<'a, T> Ahead<'a, T> {
+    fn new(kv: &'a Kv<'a, T>, d: usize) -> Self {
         Ahead { kv, d, seg: 0, row: 0, asked: 0 }
     }
 
@@ -742,7 +840,7 @@ impl<'a> Ahead<'a> {
     #[inline(always)]
     fn upto(&mut self, end: usize, keys: bool) {
         let mut left = (end + AHEAD).saturating_sub(self.asked);
-        let bytes = self.d * 4;
+        let bytes = self.d * std::mem::size_of::<T>();
         while left > 0 && self.seg < self.kv.segs.len() {
             let seg = self.kv.segs[self.seg];
             let n = left.min(seg.len - self.row);
@@ -766,13 +864,17 @@ impl<'a> Ahead<'a> {
 /// one chain over j in order (as `axpy` would sum it row by row), every row of V (`vs`, rows `v_rs` apart from
 /// key a on) loaded once for the H rows.
 #[inline(always)]
-fn pv<const H: usize>(rows: [(&[f32], &mut [f32]); H], a: usize, b: usize, vs: &[f32], v_rs: usize, c0: usize) {
+///
+/// # Safety
+/// For f16 values: AVX-512 F (`KvElem::row64`).
+unsafe fn pv<const H: usize, T: KvElem>(rows: [(&[f32], &mut [f32]); H], a: usize, b: usize, vs: &[T], v_rs: usize, c0: usize) {
     let mut acc = [[0f32; 64]; H];
     for (h, (_, o)) in rows.iter().enumerate() {
         acc[h].copy_from_slice(&o[c0..c0 + 64]);
     }
     for j in a..b {
-        let vj: &[f32; 64] = vs[(j - a) * v_rs..][..64].try_into().unwrap();
+        // SAFETY: the caller's.
+        let vj: [f32; 64] = unsafe { T::row64(&vs[(j - a) * v_rs..]) };
         for h in 0..H {
             let p = rows[h].0[j];
             for l in 0..64 {
@@ -800,7 +902,7 @@ fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
+unsafe fn block_generic<T: KvElem>(q: &[f32], rg: &Rows, kv: &Kv<T>, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
     let (kend, d, rows, nrow) = (span.kend, rg.d, rg.rows, rg.heads * rg.rows);
     debug_assert_eq!(kv.segs.iter().map(|s| s.len).sum::<usize>(), kend);
     debug_assert!(q.len() >= rg.at(rg.heads - 1, rows - 1) + d);
@@ -854,10 +956,13 @@ unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<
                 for c0 in (0..d).step_by(64) {
                     let vs = &kv.v[seg.v + (a - col) * kv.v_rs + c0..];
                     let row = |k: usize| (&s[((i + k) * rows + r) * kend..][..kend], orow(i + k, r));
-                    match h {
-                        3 => pv::<3>([row(0), row(1), row(2)], a, b, vs, kv.v_rs, c0),
-                        2 => pv::<2>([row(0), row(1)], a, b, vs, kv.v_rs, c0),
-                        _ => pv::<1>([row(0)], a, b, vs, kv.v_rs, c0),
+                    // SAFETY: f16 values come here on AVX-512 only (`block`).
+                    unsafe {
+                        match h {
+                            3 => pv::<3, T>([row(0), row(1), row(2)], a, b, vs, kv.v_rs, c0),
+                            2 => pv::<2, T>([row(0), row(1)], a, b, vs, kv.v_rs, c0),
+                            _ => pv::<1, T>([row(0)], a, b, vs, kv.v_rs, c0),
+                        }
                     }
                 }
                 i += h;
@@ -872,7 +977,7 @@ unsafe fn block_generic(q: &[f32], rg: &Rows, kv: &Kv, span: Span, mask: Option<
                 let mut acc = [0f32; 64];
                 acc[..w].copy_from_slice(&or[c0..c0 + w]);
                 for (j, &p) in sr.iter().enumerate().take(b).skip(a) {
-                    axpy(&mut acc[..w], p, &kv.v[seg.v + (j - col) * kv.v_rs + c0..][..w]);
+                    T::axpy(&mut acc[..w], p, &kv.v[seg.v + (j - col) * kv.v_rs + c0..][..w]);
                 }
                 or[c0..c0 + w].copy_from_slice(&acc[..w]);
             }
@@ -1019,6 +1124,43 @@ mod tests {
             block(q3, &rg, &Kv { k: &kd, k_rs: d, v: &vd, v_rs: d, segs: &cut }, span(), None, 0, 0.2, None, b.as_mut_ptr());
         }
         assert_eq!(a, b);
+    }
+
+    /// An f16 pool read in place (on AVX-512, D a multiple of 64) gives the numbers of the same pool widened
+    /// first, bit for bit: decode rows and a prompt chunk, grouped heads, a window, soft-capping, blocks out of
+    /// order. (Where the CPU has no AVX-512 both are the widened path.)
+    #[test]
+    fn f16_pool_in_place_equals_widened() {
+        use crate::nn::paged::PagedSeq;
+        for (h, hkv, d) in [(9usize, 3usize, 64usize), (4, 2, 128), (2, 2, 64)] {
+            let (bs, nb) = (16, 24);
+            let n_el = nb * bs * hkv * d;
+            let half = |a: usize, b: usize| -> Vec<f16> { (0..n_el).map(|i| f16::from_f32((i * a % b) as f32 / (b / 2) as f32 - 1.0)).collect() };
+            let (kd, vd) = (half(7919, 2003), half(104_729, 1009));
+            let blocks: Vec<u32> = (0..nb as u32).map(|i| (i * 7) % nb as u32).collect();
+            // decode rows at 37 and 100 positions, a chunk of 20 prompt rows ending at 90
+            let seqs = [
+                PagedSeq { row0: 0, rows: 1, ctx: 37, blocks: &blocks[0..3] },
+                PagedSeq { row0: 1, rows: 1, ctx: 100, blocks: &blocks[3..10] },
+                PagedSeq { row0: 2, rows: 20, ctx: 90, blocks: &blocks[10..16] },
+            ];
+            let n = 22;
+            let q: Vec<f32> = (0..h * n * d).map(|i| (i * 31 % 97) as f32 / 48.0 - 1.0).collect();
+            for (window, softcap) in [(None, None), (Some(30), None), (None, Some(5.0))] {
+                let job = Paged::new(&seqs, n, h, hkv, d, n_el, bs, 0.125, window, softcap).unwrap();
+                let (mut a, mut b) = (vec![f32::NAN; h * n * d], vec![f32::NAN; h * n * d]);
+                for t in 0..job.len() {
+                    // SAFETY: q, a and b hold [H, N, D]; the pool is the job's; one thread.
+                    unsafe {
+                        job.run(t, &q, Pool::F16(&kd, &vd), a.as_mut_ptr());
+                        job.run_widened(t, &q, &kd, &vd, b.as_mut_ptr());
+                    }
+                }
+                assert!(a.iter().all(|x| x.is_finite()), "h {h} hkv {hkv} d {d}: every row written");
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "h {h} hkv {hkv} d {d} window {window:?} softcap {softcap:?}");
+            }
+        }
     }
 
     /// Every instruction set's `dots` gives `dot`'s numbers exactly, for D with and without a tail.
