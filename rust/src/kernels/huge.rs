@@ -319,6 +319,29 @@ impl<T: bytemuck::Pod + std::fmt::Debug> std::fmt::Debug for Buf<T> {
 mod tests {
     use super::*;
 
+    /// Resident memory of this process, in bytes (Linux).
+    #[cfg(target_os = "linux")]
+    fn resident() -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+        let pages: usize = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("resident pages");
+        pages * 4096
+    }
+
+    /// A large buffer (a KV pool's array) commits no memory until it is written: 1 GiB of zeros leaves the
+    /// resident set where it was, and writing one element commits one page (2 MiB at most), not the buffer.
+    /// (Other tests run beside this one and allocate too: the bounds leave them 256 MiB.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_large_buffer_is_committed_as_it_is_written() {
+        let n = (1usize << 30) / 4;
+        let before = resident();
+        let mut b = Buf::<f32>::zeroed(n);
+        assert!(resident() < before + (256 << 20), "1 GiB of zeros committed {} MiB", (resident() - before) >> 20);
+        b[n / 2] = 1.0;
+        assert!(b[n / 2 - 1] == 0.0 && b[n / 2] == 1.0 && b[n - 1] == 0.0);
+        assert!(resident() < before + (256 << 20), "one element written committed {} MiB", (resident() - before) >> 20);
+    }
+
     #[test]
     fn buffers_keep_their_numbers_and_their_own_ranges() {
         // several buffers share a region; each keeps its numbers, and writing one leaves the others alone
