@@ -61,16 +61,12 @@ impl std::fmt::Debug for Panels {
 }
 
 impl Panels {
-    /// From an [n, k] row-major weight.
+    /// From an [n, k] row-major weight, packed straight into a huge-page region (`kernels::huge`).
     pub fn new<W: Elem>(w: &[W], n: usize, k: usize) -> Self {
-        Self::new_releasing(w, n, k, &|_| {})
-    }
-
-    /// `new`, calling `done` with each slab of rows of `w` once it is packed (a mapped checkpoint gives the
-    /// pages back as it goes, so a load does not hold the weight twice).
-    pub fn new_releasing<W: Elem>(w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Self {
         assert_eq!(w.len(), n * k);
-        Self { data: W::into_data(pack(w, n, k, done)), n, k }
+        let mut out = Buf::<W>::zeroed(n * k);
+        pack_into(&mut out, w, n, k, &|_| {});
+        Self { data: W::into_data(out), n, k }
     }
 
     /// Whether weights of `rows` rows each, stacked in that order, are stored as their own panels one after
@@ -79,8 +75,10 @@ impl Panels {
         rows.split_last().is_some_and(|(_, init)| init.iter().all(|r| r % PANEL == 0))
     }
 
-    /// `new_releasing` for several [n_i, k] weights stacked along the rows (q, k and v), which must `stack`:
-    /// each part is packed straight into its own panels of the one matrix (no stacked copy of the weights).
+    /// `new` for several [n_i, k] weights stacked along the rows (q, k and v), which must `stack`: each part is
+    /// packed straight into its own panels of the one matrix (no stacked copy of the weights), calling `done`
+    /// with each slab of a part's rows once it is packed (a mapped checkpoint gives the pages back as it goes, so
+    /// a load does not hold the weight twice).
     pub fn from_parts_releasing<W: Elem>(parts: &[&[W]], k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Self {
         assert!(k > 0 && parts.iter().all(|p| p.len() % k == 0));
         let rows: Vec<usize> = parts.iter().map(|p| p.len() / k).collect();
@@ -179,15 +177,8 @@ fn at(q: usize, j: usize, nr: usize, pairs: bool) -> usize {
 /// Panels packed at a time by `pack` before it calls `done` (4096 rows).
 const SLAB: usize = 64;
 
-/// [n, k] row-major -> panels, slab by slab; `done` gets each slab's rows of `w` once they are packed.
-fn pack<W: Elem + Copy + Send + Sync + Default>(w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) -> Buf<W> {
-    // straight into a huge-page region (`kernels::huge`)
-    let mut out = Buf::<W>::zeroed(n * k);
-    pack_into(&mut out, w, n, k, done);
-    out
-}
-
-/// `pack` into `out` (n·k elements).
+/// [n, k] row-major -> panels in `out` (n·k elements), slab by slab; `done` gets each slab's rows of `w` once
+/// they are packed.
 fn pack_into<W: Elem + Copy + Send + Sync + Default>(out: &mut [W], w: &[W], n: usize, k: usize, done: &(dyn Fn(&[W]) + Sync)) {
     assert_eq!(out.len(), n * k);
     let pairs = paired::<W>(k);
@@ -758,6 +749,13 @@ mod tests {
         }
     }
 
+    /// [n, k] row-major -> panels, as `Panels::new` packs them.
+    fn pack<W: Elem>(w: &[W], n: usize, k: usize) -> Vec<W> {
+        let mut out = vec![W::default(); n * k];
+        pack_into(&mut out, w, n, k, &|_| {});
+        out
+    }
+
     #[test]
     fn portable_kernel_matches() {
         // the fallback for CPUs without AVX2 (and the aarch64 path), exercised directly on full and partial panels
@@ -766,7 +764,7 @@ mod tests {
             W::widen(w, &mut w32);
             let want = reference(x, 1, k, &w32, n, None);
             // the plain [k, nr] layout (packing is a permutation; bf16 full panels may be stored in pairs)
-            let order = pack(&(0..n * k).map(|i| i as f32).collect::<Vec<_>>(), n, k, &|_| {});
+            let order = pack(&(0..n * k).map(|i| i as f32).collect::<Vec<_>>(), n, k);
             let packed: Vec<W> = order.iter().map(|&i| w[i as usize]).collect();
             for r0 in (0..n).step_by(PANEL) {
                 let nr = PANEL.min(n - r0);
@@ -792,7 +790,7 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         fn run<W: Elem + Default>(w: &[W], k: usize, n: usize, bias: Option<&[f32]>) {
-            let packed = pack(w, n, k, &|_| {});
+            let packed = pack(w, n, k);
             let mut w32 = vec![0f32; w.len()];
             W::widen(w, &mut w32);
             for m in [9, 13, 40] {
