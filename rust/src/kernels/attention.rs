@@ -585,19 +585,16 @@ const VT: usize = 64;
 #[allow(clippy::too_many_arguments)]
 unsafe fn block<T: KvElem>(q: &[f32], rg: &Rows, kv: &Kv<T>, span: Span, mask: Option<&[f32]>, mask_rs: usize, scale: f32, softcap: Option<f32>, o: *mut f32) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let isa = super::cpu::isa();
-        if isa >= super::cpu::Isa::Avx512 {
-            // SAFETY: the CPU has AVX-512 F (the Avx512 level); the rest is the caller's.
-            return unsafe { block_avx512(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
-        }
-        assert!(T::F32, "an f16 pool is read in place on AVX-512 only");
-        if isa >= super::cpu::Isa::Avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (the Avx2 level); the rest is the caller's.
-            return unsafe { block_avx2(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
-        }
+    if super::cpu::isa() >= super::cpu::Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (the Avx512 level); the rest is the caller's.
+        return unsafe { block_avx512(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
     }
     assert!(T::F32, "an f16 pool is read in place on AVX-512 only");
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::isa() >= super::cpu::Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the Avx2 level); the rest is the caller's.
+        return unsafe { block_avx2(q, rg, kv, span, mask, mask_rs, scale, softcap, o) };
+    }
     // SAFETY: the caller's.
     unsafe { block_generic(q, rg, kv, span, mask, mask_rs, scale, softcap, o) }
 }

@@ -93,9 +93,9 @@ impl KvPool {
         }
         let slots = num_blocks * block_size;
         let store = if device.is_cpu() && dtype == DType::F32 {
-            // zeroed by the system: pages no sequence reaches are never touched. An array over 16 MiB is a mapping
-            // of its own in huge pages (kernels/huge.rs): a decode step at a long context reads its keys and
-            // values at the rate of the weights
+            // in huge pages (kernels/huge.rs), where a decode step at a long context reads its keys and values at
+            // the rate of the weights; space never held is the mapping's own zeros, so pages no sequence reaches
+            // are never touched
             let zeros = || Buf::<f32>::zeroed(slots * width);
             Store::Host { k: (0..layers).map(|_| zeros()).collect(), v: (0..layers).map(|_| zeros()).collect() }
         } else if device.is_cpu() && dtype == DType::F16 {
