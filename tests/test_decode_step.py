@@ -29,15 +29,22 @@ def outputs(model, prompts):
 
 
 def both_paths(model, prompts):
-    """(outputs with the team path, outputs with the general path, steps the team took)."""
+    """(outputs with the team path, outputs with the general path, steps the team took). The team runs twice,
+    with its waiting threads warming the next weights (the default) and without: the same outputs."""
     before = _native._decode_steps()
     was = _native._set_decode_step("team")
     try:
         team = outputs(model, prompts)
-        taken = _native._decode_steps() - before
+        warmed = _native._set_warm(False)
+        try:
+            assert outputs(model, prompts) == team
+        finally:
+            _native._set_warm(warmed)
+        steps = _native._decode_steps()
+        taken = (steps - before) // 2
         _native._set_decode_step("general")
         general = outputs(model, prompts)
-        assert _native._decode_steps() - before == taken   # switched off, it is not taken
+        assert _native._decode_steps() == steps   # switched off, it is not taken
     finally:
         _native._set_decode_step(was)
     return team, general, taken

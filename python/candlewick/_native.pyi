@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 __version__: str
 __all__ = [
     "Engine",
-    "__version__", "_decode_steps", "_panic_for_test", "_set_decode_step",
+    "__version__", "_decode_steps", "_panic_for_test", "_set_decode_step", "_set_warm",
     "IncrementalDecoder", "Model", "Stream", "Tokenizer", "bench_decode", "bench_matvec", "bench_prefill",
     "ops_attention",
     "ops_cross_entropy", "ops_gelu", "ops_layer_norm", "ops_log_softmax", "ops_rms_norm", "ops_rope", "ops_silu",
@@ -92,6 +92,10 @@ def bench_matvec(format: str, out: int, inp: int, reps: int, rows: int = 1) -> f
 def _set_decode_step(mode: str) -> str:
     """Which path decode steps take: "team" (default, wherever it applies) or "general" (tests and benches compare
     them); the mode before."""
+    ...
+def _set_warm(on: bool) -> bool:
+    """Whether copies of the decode team waiting in a stage warm the next projection's weights (default on); the
+    setting before. For benches that compare the two in one process."""
     ...
 def _decode_steps() -> int:
     """Decode steps that took the thread team's path so far in this process."""

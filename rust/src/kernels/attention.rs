@@ -501,24 +501,12 @@ fn prefetch_rows<T>(k: &[T], v: &[T], segs: &[Seg], width: usize, d: usize) {
     let bytes = d * std::mem::size_of::<T>();
     for seg in segs {
         for j in 0..seg.len {
-            prefetch_l2(k.as_ptr().wrapping_add(seg.k + j * width) as *const u8, bytes);
-            prefetch_l2(v.as_ptr().wrapping_add(seg.v + j * width) as *const u8, bytes);
+            super::cpu::prefetch_l2(k.as_ptr().wrapping_add(seg.k + j * width) as *const u8, bytes);
+            super::cpu::prefetch_l2(v.as_ptr().wrapping_add(seg.v + j * width) as *const u8, bytes);
         }
     }
 }
 
-/// Ask for the `bytes` from `p` on to be brought into the L2 cache. A prefetch is a hint: it changes no number and
-/// never faults, whatever the address.
-#[inline(always)]
-fn prefetch_l2(p: *const u8, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for off in (0..bytes).step_by(64) {
-        // SAFETY: see above.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.wrapping_add(off) as *const i8) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes);
-}
 
 /// Which keys (indices relative to the block's first key) the rows of a block see.
 struct Span {
@@ -848,9 +836,9 @@ impl<'a, T> Ahead<'a, T> {
             let n = left.min(seg.len - self.row);
             for j in self.row..self.row + n {
                 if keys {
-                    prefetch_l2(self.kv.k.as_ptr().wrapping_add(seg.k + j * self.kv.k_rs) as *const u8, bytes);
+                    super::cpu::prefetch_l2(self.kv.k.as_ptr().wrapping_add(seg.k + j * self.kv.k_rs) as *const u8, bytes);
                 }
-                prefetch_l2(self.kv.v.as_ptr().wrapping_add(seg.v + j * self.kv.v_rs) as *const u8, bytes);
+                super::cpu::prefetch_l2(self.kv.v.as_ptr().wrapping_add(seg.v + j * self.kv.v_rs) as *const u8, bytes);
             }
             left -= n;
             self.asked += n;

@@ -184,6 +184,19 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+/// Ask for the `bytes` from `p` on to be brought into the L2 cache. A prefetch is a hint: it changes no number and
+/// never faults, whatever the address.
+#[inline(always)]
+pub fn prefetch_l2(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: see above.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.wrapping_add(off) as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

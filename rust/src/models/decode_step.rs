@@ -28,7 +28,7 @@
 //!  10 groups: x += h Wdᵀ (+ b)
 //! then rows: the final norm; groups: the logits.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Storage, Tensor};
@@ -37,6 +37,7 @@ use super::Decoder;
 use crate::config::{Act, Residual};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{Paged, Pool};
+use crate::kernels::team::Claim;
 use crate::kernels::cpu::{self, SendPtr, SyncBuf};
 use crate::kernels::quant::{ActsBuf, ActsRef, Kind, QWeight};
 use crate::nn::paged::HostKv;
@@ -48,6 +49,13 @@ use half::slice::HalfFloatSliceExt;
 /// benches compare the paths with `set_mode`.
 static MODE: AtomicU8 = AtomicU8::new(Mode::Team as u8);
 static STEPS: AtomicU64 = AtomicU64::new(0);
+/// Whether waiting copies warm the next projection's weights (`Warm`); tests and benches compare with `set_warm`.
+static WARM: AtomicBool = AtomicBool::new(true);
+
+/// Turn the waiting copies' warming on or off; returns the setting before.
+pub fn set_warm(on: bool) -> bool {
+    WARM.swap(on, Ordering::Relaxed)
+}
 
 /// Which path decode steps take. There is no fallback to the general path on a crowded machine: with busy
 /// processes beside the engine (one or two CPU hogs on a 2-vCPU VM, a server's own clients and event loop) or
@@ -296,6 +304,61 @@ fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
     }
 }
 
+/// Groups of a projection claimed at a time by a copy of the team (`Claim::Homed`: each copy's stretch first).
+fn proj_chunk(groups: usize, threads: usize) -> usize {
+    groups.div_ceil(threads * 8).max(1)
+}
+
+/// What one copy of the team brings into its cache while it waits for the others: the weights of its own stretch
+/// of the next projection (the groups it claims first there), walked on from where its last wait stopped, up to
+/// `WARM_BYTES`. The memory is the limit at batch 1, and a copy waiting (behind a stage the leader runs alone, or
+/// for the last parts of a stage) would otherwise leave it idle. Prefetches are hints: no number changes.
+struct Warm {
+    /// the projection walked (its address), its stretches of memory, and where the walk stands
+    key: *const Proj,
+    spans: Vec<(*const u8, usize)>,
+    span: usize,
+    off: usize,
+    left: usize,
+}
+
+/// How much of its next stretch a waiting copy asks for, at most (the tile kernels' own look-ahead takes it from
+/// there): half an L2 cache of the machines measured. 192 KiB and 1 MiB gained about as much (docs/decisions.md).
+const WARM_BYTES: usize = 512 * 1024;
+
+impl Warm {
+    fn new() -> Self {
+        Self { key: std::ptr::null(), spans: vec![], span: 0, off: 0, left: 0 }
+    }
+
+    /// Walk on over copy `me`'s stretch of `p` until `finished()` or the walk's end.
+    fn run(&mut self, p: &Proj, home: std::ops::Range<usize>, finished: &dyn Fn() -> bool) {
+        if !std::ptr::eq(self.key, p) {
+            self.key = p;
+            self.spans.clear();
+            let mut g0 = 0;
+            for (w, _) in &p.parts {
+                let (a, b) = (home.start.max(g0), home.end.min(g0 + w.groups()));
+                if a < b {
+                    self.spans.extend(w.group_bytes(a - g0..b - g0).into_iter().filter(|s| s.1 > 0));
+                }
+                g0 += w.groups();
+            }
+            (self.span, self.off, self.left) = (0, 0, WARM_BYTES);
+        }
+        while self.span < self.spans.len() && self.left > 0 && !finished() {
+            let (at, len) = self.spans[self.span];
+            let n = (len - self.off).min(4096).min(self.left);
+            cpu::prefetch_l2(at.wrapping_add(self.off), n);
+            self.off += n;
+            self.left -= n;
+            if self.off >= len {
+                (self.span, self.off) = (self.span + 1, 0);
+            }
+        }
+    }
+}
+
 impl Decoder {
     /// The step through the team, when the plan, the pool and the batch allow: each sequence's rows together and
     /// in order, the wanted rows last rows of sequences. None: take the general path. The logits go into `buf`'s
@@ -403,6 +466,13 @@ impl Decoder {
             let mut row = vec![0f32; c.max(h * d)];
             let mut gbuf = vec![0f32; f];
             let mut tile = vec![0f32; n * 16];
+            let warm = std::cell::RefCell::new(Warm::new());
+            // while this copy waits in a stage: warm its stretch of projection `next`
+            let idle = |next: Option<&Proj>, finished: &dyn Fn() -> bool| {
+                if let Some(p) = next.filter(|_| WARM.load(Ordering::Relaxed)) {
+                    warm.borrow_mut().run(p, ctx.home(p.groups, proj_chunk(p.groups, threads), ctx.me), finished)
+                }
+            };
             // row r of x: read by the norms (stages 1, 7 and the final one); x is written in stages 6 and 10 only
             let x_row = |r: usize| -> &[f32] {
                 // SAFETY: called in the norm stages, where no thread writes x.
@@ -411,6 +481,7 @@ impl Decoder {
             // rows of `w` values through `prep`, rounded into the buffers `proj` reads
             // (a few rows are one thread's work: see Ctx::serial_stage)
             let set_rows = |stage: usize, proj: &Proj, n: usize, w: usize, row: &mut [f32], prep: &dyn Fn(usize, &mut [f32])| {
+                // the rows are `proj`'s input: its weights come next
                 let part = |rr: std::ops::Range<usize>| {
                     for r in rr {
                         prep(r, &mut row[..w]);
@@ -424,16 +495,14 @@ impl Decoder {
                         }
                     }
                 };
-                if n * w <= SERIAL_VALUES {
-                    ctx.serial_stage(stage, n, part);
-                } else {
-                    ctx.stage(stage, n, 1, part);
-                }
+                let how = if n * w <= SERIAL_VALUES { Claim::Serial } else { Claim::Shared };
+                ctx.run_stage(stage, n, 1, how, part, &mut |f: &dyn Fn() -> bool| idle(Some(proj), f));
             };
             // a projection's groups: each output (+ bias) stored, or added to `dst` (residual)
-            let matmul = |stage: usize, proj: &Proj, n: usize, dst: &SyncBuf<f32>, dst_w: usize, residual: bool, tile: &mut [f32]| {
-                let chunk = proj.groups.div_ceil(threads * 8).max(1);
-                ctx.stage(stage, proj.groups, chunk, |gr| {
+            // (`next`: the projection after, whose weights a copy waiting here warms)
+            let matmul = |stage: usize, proj: &Proj, n: usize, dst: &SyncBuf<f32>, dst_w: usize, residual: bool, tile: &mut [f32], next: Option<&Proj>| {
+                let chunk = proj_chunk(proj.groups, threads);
+                ctx.run_stage(stage, proj.groups, chunk, Claim::Homed, |gr| {
                     for gg in gr {
                         let (mut g, mut pi) = (gg, 0);
                         while g >= proj.parts[pi].0.groups() {
@@ -464,14 +533,14 @@ impl Decoder {
                             }
                         }
                     }
-                });
+                }, &mut |f: &dyn Fn() -> bool| idle(next, f));
             };
             for (i, (layer, blk)) in plan.layers.iter().zip(&self.layers).enumerate() {
                 let s0 = i * STAGES_PER_LAYER;
                 // 1: attention norm
                 set_rows(s0, &layer.qkv, n, c, &mut row, &|r, o| rms_row(x_row(r), &layer.attn_norm, eps, o));
                 // 2: q, k, v
-                matmul(s0 + 1, &layer.qkv, n, &qkv, qkv_w, false, &mut tile);
+                matmul(s0 + 1, &layer.qkv, n, &qkv, qkv_w, false, &mut tile, Some(&layer.o));
                 // 3: q/k norms and RoPE; keys and values into the pool
                 // SAFETY: qkv was written in stage 2 (the stage before) and is not written here.
                 let qkv_all = unsafe { qkv.get() };
@@ -521,11 +590,8 @@ impl Decoder {
                         }
                     }
                 };
-                if n * qkv_w <= SERIAL_VALUES {
-                    ctx.serial_stage(s0 + 2, n * hkv, rope_part);
-                } else {
-                    ctx.stage(s0 + 2, n * hkv, 1, rope_part);
-                }
+                let how = if n * qkv_w <= SERIAL_VALUES { Claim::Serial } else { Claim::Shared };
+                ctx.run_stage(s0 + 2, n * hkv, 1, how, rope_part, &mut |f: &dyn Fn() -> bool| idle(Some(&layer.o), f));
                 // 4: attention over the pool
                 // SAFETY: the pool and the queries were written in stage 3 (the stage before) and are not
                 // written here.
@@ -538,13 +604,14 @@ impl Decoder {
                     };
                     (kv, qh.get())
                 };
-                ctx.stage(s0 + 3, jobs[i].parts(), 1, |pr| {
+                let attend = |pr: std::ops::Range<usize>| {
                     for t in pr.flat_map(|p| jobs[i].part(p)) {
                         // SAFETY: Paged::new checked the shapes against the pool and the batch; task t writes its
                         // own rows of y, which no one reads before stage 5.
                         unsafe { jobs[i].run(t, qd, kv, y.ptr()) };
                     }
-                });
+                };
+                ctx.run_stage(s0 + 3, jobs[i].parts(), 1, Claim::Shared, attend, &mut |f: &dyn Fn() -> bool| idle(Some(&layer.o), f));
                 // 5: heads side by side, rounded for the output projection
                 set_rows(s0 + 4, &layer.o, n, h * d, &mut row, &|r, o| {
                     // SAFETY: y was written in stage 4 (the stage before) and is not written here.
@@ -554,11 +621,11 @@ impl Decoder {
                     }
                 });
                 // 6: x += o(y)
-                matmul(s0 + 5, &layer.o, n, &x, c, true, &mut tile);
+                matmul(s0 + 5, &layer.o, n, &x, c, true, &mut tile, Some(&layer.mlp_in));
                 // 7: MLP norm
                 set_rows(s0 + 6, &layer.mlp_in, n, c, &mut row, &|r, o| rms_row(x_row(r), &layer.ffn_norm, eps, o));
                 // 8: [gate | up]
-                matmul(s0 + 7, &layer.mlp_in, n, &hb, 2 * f, false, &mut tile);
+                matmul(s0 + 7, &layer.mlp_in, n, &hb, 2 * f, false, &mut tile, Some(&layer.down));
                 // 9: silu(gate)·up, rounded for the down projection
                 set_rows(s0 + 8, &layer.down, n, f, &mut gbuf, &|r, o| {
                     // SAFETY: [gate | up] was written in stage 8 (the stage before) and is not written here.
@@ -566,7 +633,8 @@ impl Decoder {
                     crate::kernels::act::silu_mul(&hd[r * 2 * f..(r + 1) * 2 * f], o, f)
                 });
                 // 10: x += down(h)
-                matmul(s0 + 9, &layer.down, n, &x, c, true, &mut tile);
+                let after = plan.layers.get(i + 1).map(|l| &l.qkv).or(plan.lm_head.as_ref());
+                matmul(s0 + 9, &layer.down, n, &x, c, true, &mut tile, after);
             }
             let s = plan.layers.len() * STAGES_PER_LAYER;
             // the rows wanted: final norm, then the logits (row r of `out` is batch row out_rows[r])
@@ -575,7 +643,7 @@ impl Decoder {
                 Some(_) if m == 0 => {}
                 Some(head) => {
                     set_rows(s, head, m, c, &mut row, &|r, o| rms_row(x_row(wanted(r)), &plan.final_norm, eps, o));
-                    matmul(s + 1, head, m, &out, vocab, false, &mut tile);
+                    matmul(s + 1, head, m, &out, vocab, false, &mut tile, None);
                 }
                 None => {
                     ctx.serial_stage(s, m, |rr| {

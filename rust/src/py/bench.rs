@@ -137,6 +137,13 @@ fn _set_decode_step(mode: &str) -> PyResult<String> {
     .to_string())
 }
 
+/// Whether copies of the decode team waiting in a stage warm the next projection's weights (on by default);
+/// returns the setting before. For benches that compare the two in one process.
+#[pyfunction]
+fn _set_warm(on: bool) -> bool {
+    crate::models::decoder::step::set_warm(on)
+}
+
 /// Decode steps that took the team's path so far in this process.
 #[pyfunction]
 fn _decode_steps() -> u64 {
@@ -146,6 +153,7 @@ fn _decode_steps() -> u64 {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_set_decode_step, m)?)?;
     m.add_function(wrap_pyfunction!(_decode_steps, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_warm, m)?)?;
     m.add_function(wrap_pyfunction!(bench_matvec, m)?)?;
     m.add_function(wrap_pyfunction!(bench_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(bench_decode, m)?)?;

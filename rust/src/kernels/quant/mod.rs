@@ -115,6 +115,17 @@ impl QWeight {
         self.groups
     }
 
+    /// The memory groups `gs` read, as (address, length) stretches: their weights, then their scales and their
+    /// offsets or mins (empty stretches where the format has none). For bringing them into a cache ahead of use.
+    pub fn group_bytes(&self, gs: std::ops::Range<usize>) -> [(*const u8, usize); 5] {
+        assert!(gs.start <= gs.end && gs.end <= self.groups);
+        let (a, b) = (gs.start * self.nb, gs.end * self.nb);
+        let (gb, spb) = (self.kind.group_block_bytes(), self.kind.scales_per_block());
+        let [d0, d1] = self.d.bytes(a, b, spb);
+        let [m0, m1] = self.m.bytes(a, b, spb);
+        [(self.qs[a * gb..].as_ptr(), (b - a) * gb), d0, d1, m0, m1]
+    }
+
     /// Group `g` of y = x·Wᵀ for the `m` rows of `acts` (rounded for this weight's kind and input size):
     /// out [m][16], lanes past `out()` zero. The same numbers whatever `m` is and whichever thread runs it.
     pub fn group(&self, isa: Isa, acts: &ActsRef, m: usize, g: usize, out: &mut [f32]) {
@@ -251,6 +262,41 @@ mod tests {
                         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
                         let err = got.iter().zip(&scalar).fold(0f32, |a, (g, s)| a.max((g - s).abs()));
                         assert!(err <= 1e-5 * scale, "{isa:?} {dt:?} {out}x{inp} m={m}: {err} from the scalar kernel");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `group_bytes` names every byte a group's kernel reads: the stretches of consecutive groups follow each
+    /// other, and those of all groups together are the whole of the weights and scales.
+    #[test]
+    fn group_bytes_cover_the_buffers() {
+        let dev = Device::Cpu;
+        for dt in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let inp = if dt.block_size() == 256 { 512 } else { 96 };
+            let w = Tensor::randn(0f32, 1.0, (70, inp), &dev).unwrap();
+            let ours = QWeight::from_qtensor(&QTensor::quantize(&w, dt).unwrap()).unwrap().unwrap();
+            let all = ours.group_bytes(0..ours.groups());
+            let scales = |s: &Scales| match s {
+                Scales::F16(v) => (v.as_ptr() as *const u8, v.len() * 2, std::ptr::null(), 0),
+                Scales::Sub { ints, sup, .. } => (ints.as_ptr(), ints.len(), sup.as_ptr() as *const u8, sup.len() * 2),
+                Scales::None => (std::ptr::null(), 0, std::ptr::null(), 0),
+            };
+            let (d, m) = (scales(&ours.d), scales(&ours.m));
+            let want = [(ours.qs.as_ptr(), ours.qs.len()), (d.0, d.1), (d.2, d.3), (m.0, m.1), (m.2, m.3)];
+            for (i, (got, want)) in all.iter().zip(want).enumerate() {
+                assert_eq!(got.1, want.1, "{dt:?} stretch {i}: length");
+                if want.1 > 0 {
+                    assert_eq!(got.0, want.0, "{dt:?} stretch {i}: start");
+                }
+            }
+            for g in 0..ours.groups() - 1 {
+                let (a, b) = (ours.group_bytes(g..g + 1), ours.group_bytes(g + 1..g + 2));
+                // the weights and the entries of consecutive groups are contiguous (superblock scales are per 8 blocks)
+                for i in [0, 1, 3] {
+                    if a[i].1 > 0 {
+                        assert_eq!(a[i].0.wrapping_add(a[i].1), b[i].0, "{dt:?} group {g} stretch {i}");
                     }
                 }
             }

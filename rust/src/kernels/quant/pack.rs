@@ -44,6 +44,20 @@ impl Scales {
         }
     }
 
+    /// The bytes of blocks `a..b` (block index gi = group · nb + block), `spb` entries a block for `F16`:
+    /// (address, length) of the entries, and of `Sub`'s superblock scales (empty where there are none).
+    pub(super) fn bytes(&self, a: usize, b: usize, spb: usize) -> [(*const u8, usize); 2] {
+        match self {
+            Scales::F16(v) => [(v[a * spb * ROWS..].as_ptr() as *const u8, (b - a) * spb * ROWS * 2), (std::ptr::null(), 0)],
+            Scales::Sub { ints, sup, spb, .. } => {
+                let (ea, eb) = (a * spb * ROWS, b * spb * ROWS);
+                let (sa, sb) = (a / 8 * ROWS, b.div_ceil(8) * ROWS);
+                [(ints[ea..].as_ptr(), eb - ea), (sup[sa..].as_ptr() as *const u8, (sb - sa) * 2)]
+            }
+            Scales::None => [(std::ptr::null(), 0); 2],
+        }
+    }
+
     pub(super) fn concat(parts: &[&Scales]) -> Scales {
         match parts[0] {
             Scales::F16(_) => {
