@@ -12,6 +12,10 @@
 //! and catches up. The copies are rayon jobs of one scope, so one that no thread has started when the rest are done
 //! is run by the thread waiting for the scope (and returns at once).
 //!
+//! A stage's parts can also be cut into one stretch per copy (`Claim::Homed`): each copy claims its own stretch
+//! first, in order, then what is left of the others'. A copy then walks its share of a projection's weights as one
+//! stream, and knows while it waits in the stage before which weights it will read (see `run_stage`'s `idle`).
+//!
 //! One team job runs at a time in the process (a lock), so two jobs never wait on each other. A panic in one copy
 //! poisons the job: the others leave at their next wait, and `run` returns an error.
 

@@ -27,6 +27,8 @@
 //!   9 rows:   silu(gate)·up, rounded for the down projection
 //!  10 groups: x += h Wdᵀ (+ b)
 //! then rows: the final norm; groups: the logits.
+//! Each thread claims its own stretch of a projection's groups first (`Claim::Homed`), and while it waits in a
+//! stage it brings its stretch of the next projection into its cache (`Warm`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
