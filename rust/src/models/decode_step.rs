@@ -333,7 +333,8 @@ impl Warm {
         Self { key: std::ptr::null(), spans: vec![], span: 0, off: 0, left: 0 }
     }
 
-    /// Walk on over copy `me`'s stretch of `p` until `finished()` or the walk's end.
+    /// Walk on over the memory of groups `home` of `p` (this copy's stretch; used when `p` is new to the walk)
+    /// until `finished()`, the stretch's end or `WARM_BYTES`.
     fn run(&mut self, p: &Proj, home: std::ops::Range<usize>, finished: &dyn Fn() -> bool) {
         if !std::ptr::eq(self.key, p) {
             self.key = p;
