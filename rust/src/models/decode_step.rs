@@ -328,6 +328,12 @@ struct Warm {
 /// there): half an L2 cache of the machines measured. 192 KiB and 1 MiB gained about as much (docs/decisions.md).
 const WARM_BYTES: usize = 512 * 1024;
 
+/// Steps of at most this many rows warm (decoding batches). A prompt chunk's products are held up by their
+/// arithmetic, not the memory, and its rounded inputs (0.8 MB for 512 rows of SmolLM2's 1536), read again for every
+/// group, are better left in the L2 cache than pushed out by warming: 512-token prefills ran 1-1.5% slower with it
+/// in one process, within the noise there, with nothing for it to gain.
+const WARM_ROWS: usize = 64;
+
 impl Warm {
     fn new() -> Self {
         Self { key: std::ptr::null(), spans: vec![], span: 0, off: 0, left: 0 }
@@ -472,7 +478,7 @@ impl Decoder {
             let warm = std::cell::RefCell::new(Warm::new());
             // while this copy waits in a stage: warm its stretch of projection `next`
             let idle = |next: Option<&Proj>, finished: &dyn Fn() -> bool| {
-                if let Some(p) = next.filter(|_| WARM.load(Ordering::Relaxed)) {
+                if let Some(p) = next.filter(|_| n <= WARM_ROWS && WARM.load(Ordering::Relaxed)) {
                     warm.borrow_mut().run(p, ctx.home(p.groups, proj_chunk(p.groups, threads), ctx.me), finished)
                 }
             };
