@@ -19,7 +19,11 @@ Per file:
   stream        GB/s of one matrix-vector product by the engine's own kernels in the file's main format, its
                 matrix as large as the weights (`_native.bench_matvec`), measured in the same run;
   roofline      stream / bytes per token: the tokens per second that reading the weights once per token allows;
-                the fraction is candlewick's tg over it.
+                the fraction is candlewick's tg over it;
+  memory        GB/s of a plain read of 256 MiB of varied values on the same threads (`_native.bench_memread`),
+                measured in the same run: the memory's own rate, the bound under the product's; "of memory" is the
+                rate a decode step reads its bytes at (tg · bytes/token) over it. This VM's memory rate moves
+                between runs (29-54 GB/s seen): compare within one run.
 Each figure is the median of --reps runs. Threads: 2 unless --threads (RAYON_NUM_THREADS for candlewick).
 """
 from __future__ import annotations
@@ -88,6 +92,14 @@ def stream_rate(fmt: str, nbytes: int, inp: int, reps: int) -> float:
     n = max(8, int(2e9 / nbytes))
     runs = [out * inp * BPW[fmt] * n / _native.bench_matvec(fmt, out, inp, n) / 1e9 for _ in range(reps)]
     return statistics.median(runs)
+
+
+def memory_rate(reps: int) -> float:
+    """GB/s of a plain read of 256 MiB of varied values on every thread (the bound under `stream_rate`)."""
+    from candlewick import _native
+
+    mib, n = 256, 8
+    return statistics.median(mib * 2**20 * n / _native.bench_memread(mib, n) / 1e9 for _ in range(reps))
 
 
 def cw_decode(model, prompt: list[int], n: int, team: bool) -> float:
@@ -180,8 +192,8 @@ def main() -> None:
     print(f"machine: {machine()}; threads: {args.threads}; reps: {args.reps} (median); "
           f"candlewick KV cache {args.kv_cache_dtype}\n")
     print(row(["file", "test", "candlewick tok/s", "general path", "llama.cpp", "vs llama.cpp", "bytes/token",
-               "stream GB/s", "roofline tok/s", "of roofline"]))
-    print(row(["---"] * 2 + ["---:"] * 8))
+               "stream GB/s", "roofline tok/s", "of roofline", "memory GB/s", "of memory"]))
+    print(row(["---"] * 2 + ["---:"] * 10))
     rng = np.random.default_rng(0)
     for fmt, path in files.items():
         model = cw.load(path, kv_cache_dtype=args.kv_cache_dtype)
@@ -192,10 +204,11 @@ def main() -> None:
         cw_decode(model, prompt, 8, True)  # warm-up
         peer = llama_bench(args.llama_bench, path, args.threads, args.reps) if not args.no_peer else {}
         rate = stream_rate(main_fmt, weights, cfg["hidden"], args.reps)
+        mem = memory_rate(args.reps)
         pp = statistics.median(cw_prefill(model, long) for _ in range(args.reps))
         pr = peer.get("pp512")
         print(row([f"{path.name} ({weights / 2**20:.0f} MiB read)", "pp512", f"{pp:.1f}", "", f"{pr:.1f}" if pr else "",
-                   f"{pp / pr:.2f}x" if pr else "", "", "", "", ""]))
+                   f"{pp / pr:.2f}x" if pr else "", "", "", "", "", "", ""]))
         for n in (64, 512):
             team, general = [], []
             for _ in range(args.reps):
@@ -207,7 +220,7 @@ def main() -> None:
             pr = peer.get(f"tg{n}")
             print(row([path.name, f"tg{n}", f"{t:.1f}", f"{g:.1f}", f"{pr:.1f}" if pr else "",
                        f"{t / pr:.2f}x" if pr else "", f"{per_token / 1e6:.1f} MB", f"{rate:.1f} ({main_fmt})",
-                       f"{roof:.0f}", f"{t / roof:.0%}"]))
+                       f"{roof:.0f}", f"{t / roof:.0%}", f"{mem:.1f}", f"{t * per_token / 1e9 / mem:.0%}"]))
         del model
     if args.gpt2:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -226,11 +239,13 @@ def main() -> None:
                 prompt = [int(t) for t in rng.integers(0, cfg["vocab_size"], 128)]
                 cw_decode(model, prompt, 8, True)
                 rate = stream_rate(fmt, int(weights), cfg["n_embd"], args.reps)
+                mem = memory_rate(args.reps)
                 t = statistics.median(cw_decode(model, prompt, 64, True) for _ in range(args.reps))
                 kv = 2 * cfg["n_layer"] * cfg["n_embd"] * 4 * (128 + 32)
                 roof = rate * 1e9 / (weights + kv)
                 print(row([f"GPT-2 124M {dtype}", "tg64", f"{t:.1f}", "", "", "", f"{(weights + kv) / 1e6:.1f} MB",
-                           f"{rate:.1f} ({fmt})", f"{roof:.0f}", f"{t / roof:.0%}"]))
+                           f"{rate:.1f} ({fmt})", f"{roof:.0f}", f"{t / roof:.0%}", f"{mem:.1f}",
+                           f"{t * (weights + kv) / 1e9 / mem:.0%}"]))
                 del model
 
 

@@ -14,7 +14,7 @@ __version__: str
 __all__ = [
     "Engine",
     "__version__", "_decode_steps", "_panic_for_test", "_set_decode_step", "_set_warm",
-    "IncrementalDecoder", "Model", "Stream", "Tokenizer", "bench_decode", "bench_matvec", "bench_prefill",
+    "IncrementalDecoder", "Model", "Stream", "Tokenizer", "bench_decode", "bench_matvec", "bench_memread", "bench_prefill",
     "ops_attention",
     "ops_cross_entropy", "ops_gelu", "ops_layer_norm", "ops_log_softmax", "ops_rms_norm", "ops_rope", "ops_silu",
     "ops_softmax", "sample_tokens", "sampling_probs",
@@ -89,6 +89,7 @@ def sample_tokens(logits: NDArray[np.float32], seed: int, draws: int, params: di
 def bench_prefill(model: Model, n_tokens: int) -> float: ...
 def bench_decode(model: Model, prompt_len: int, n_tokens: int) -> float: ...
 def bench_matvec(format: str, out: int, inp: int, reps: int, rows: int = 1) -> float: ...
+def bench_memread(mib: int, reps: int) -> float: ...
 def _set_decode_step(mode: str) -> str:
     """Which path decode steps take: "team" (default, wherever it applies) or "general" (tests and benches compare
     them); the mode before."""

@@ -120,6 +120,42 @@ fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usiz
     .py()
 }
 
+/// Seconds for `reps` reads of `mib` MiB of varied f32 values in huge pages (as the weights are), every thread of the
+/// pool summing its share: the memory's own streaming rate, the bound under the products'. The values are a
+/// pseudo-random pattern: on these VMs memory holding one repeated byte reads several times faster than any weights.
+#[pyfunction]
+fn bench_memread(py: Python<'_>, mib: usize, reps: usize) -> PyResult<f64> {
+    use rayon::prelude::*;
+    detach(py, "bench_memread", || -> crate::Result<f64> {
+        let n = (mib << 18).max(16);
+        let mut buf = crate::kernels::huge::Buf::<f32>::zeroed(n);
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for v in buf.iter_mut() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *v = (s >> 40) as f32 * 1e-7;
+        }
+        let sum = |c: &[f32]| {
+            let mut acc = [0f32; 16];
+            for ch in c.chunks_exact(16) {
+                for l in 0..16 {
+                    acc[l] += ch[l];
+                }
+            }
+            acc.iter().sum::<f32>()
+        };
+        let per = n.div_ceil(crate::kernels::cpu::threads());
+        crate::device::on_workers(|| -> crate::Result<f64> {
+            std::hint::black_box(buf.par_chunks(per).map(sum).sum::<f32>());
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(buf.par_chunks(per).map(sum).sum::<f32>());
+            }
+            Ok(t0.elapsed().as_secs_f64())
+        })
+    })
+    .py()
+}
+
 /// Which path decode steps take: "team" (the default: the thread team wherever the model and the step allow) or
 /// "general"; returns the mode before. For tests and benches that compare the paths in one process.
 #[pyfunction]
@@ -155,6 +191,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_decode_steps, m)?)?;
     m.add_function(wrap_pyfunction!(_set_warm, m)?)?;
     m.add_function(wrap_pyfunction!(bench_matvec, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_memread, m)?)?;
     m.add_function(wrap_pyfunction!(bench_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(bench_decode, m)?)?;
     Ok(())
