@@ -419,7 +419,8 @@ impl<'a> Paged<'a> {
             let total: usize = segs.iter().map(|s| s.len).sum();
             kw.resize(total * d, 0.0);
             vw.resize(total * d, 0.0);
-            prefetch_rows(kd, vd, &segs, width, d);
+            // every key and value row of the task asked for at once: they are widened one after another
+            Ahead::new(&Kv { k: kd, k_rs: width, v: vd, v_rs: width, segs: &segs }, d).upto(total, true);
             let mut at = 0;
             for seg in &segs {
                 for j in 0..seg.len {
@@ -492,21 +493,6 @@ impl<'a> Paged<'a> {
         unsafe { block(&qd[row * d..], &rg, kv, span, None, 0, self.scale, self.softcap, out.add(row * d)) };
     }
 }
-
-/// Ask for every key and value row of a task's runs (`d` elements each, rows `width` apart) to be brought into
-/// the L2 cache at once: for an f16 pool's rows, which are widened into a buffer one after another before the
-/// task reads them (an f32 pool's rows are asked for as the walk goes: `Ahead`).
-#[inline]
-fn prefetch_rows<T>(k: &[T], v: &[T], segs: &[Seg], width: usize, d: usize) {
-    let bytes = d * std::mem::size_of::<T>();
-    for seg in segs {
-        for j in 0..seg.len {
-            super::cpu::prefetch_l2(k.as_ptr().wrapping_add(seg.k + j * width) as *const u8, bytes);
-            super::cpu::prefetch_l2(v.as_ptr().wrapping_add(seg.v + j * width) as *const u8, bytes);
-        }
-    }
-}
-
 
 /// Which keys (indices relative to the block's first key) the rows of a block see.
 struct Span {

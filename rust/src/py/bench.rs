@@ -12,15 +12,32 @@ use super::errors::detach;
 use crate::model::Model;
 use crate::nn::positions;
 
+/// The next state of a 64-bit linear congruential generator (Knuth's MMIX constants).
+fn lcg(s: u64) -> u64 {
+    s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407)
+}
+
 /// Deterministic pseudo-random ids in [0, vocab) (speed does not depend on them).
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = lcg(seed);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = lcg(s);
             ((s >> 33) % vocab as u64) as u32
         })
         .collect()
+}
+
+/// Seconds for `reps` runs of `f` on the pool's threads, after one run not timed.
+fn timed<R>(reps: usize, mut f: impl FnMut() -> crate::Result<R> + Send) -> crate::Result<f64> {
+    crate::device::on_workers(|| -> crate::Result<f64> {
+        std::hint::black_box(f()?);
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(f()?);
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    })
 }
 
 /// Prefill `ids` into a fresh cache; returns the cache and the logits of the last position [1, V].
@@ -108,14 +125,7 @@ fn bench_matvec(py: Python<'_>, format: &str, out: usize, inp: usize, reps: usiz
         };
         drop(w);
         let x = Tensor::randn(0f32, 1.0, (rows.max(1), inp), &Device::Cpu)?;
-        crate::device::on_workers(|| -> crate::Result<f64> {
-            std::hint::black_box(lin.forward(&x)?);
-            let t0 = Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(lin.forward(&x)?);
-            }
-            Ok(t0.elapsed().as_secs_f64())
-        })
+        timed(reps, || lin.forward(&x))
     })
     .py()
 }
@@ -131,7 +141,7 @@ fn bench_memread(py: Python<'_>, mib: usize, reps: usize) -> PyResult<f64> {
         let mut buf = crate::kernels::huge::Buf::<f32>::zeroed(n);
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
         for v in buf.iter_mut() {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = lcg(s);
             *v = (s >> 40) as f32 * 1e-7;
         }
         let sum = |c: &[f32]| {
@@ -144,14 +154,7 @@ fn bench_memread(py: Python<'_>, mib: usize, reps: usize) -> PyResult<f64> {
             acc.iter().sum::<f32>()
         };
         let per = n.div_ceil(crate::kernels::cpu::threads());
-        crate::device::on_workers(|| -> crate::Result<f64> {
-            std::hint::black_box(buf.par_chunks(per).map(sum).sum::<f32>());
-            let t0 = Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(buf.par_chunks(per).map(sum).sum::<f32>());
-            }
-            Ok(t0.elapsed().as_secs_f64())
-        })
+        timed(reps, || Ok(buf.par_chunks(per).map(sum).sum::<f32>()))
     })
     .py()
 }
